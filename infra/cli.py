@@ -1,0 +1,167 @@
+"""`causvid`: run the workflow or one stage, show its state, submit it to a cluster, benchmark it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from infra.config import ConfigError, PipelineConfig, load_config
+from infra.storage import IncompleteOutputError
+
+BENCHMARKS = {
+    "inference": ("model.bench", "teacher 50-step vs student 4-step streaming, KV-cache growth, matmul fraction"),
+    "data": ("pipelines.bench", "decord raw decode vs the clips stage, frames/s"),
+    "train": ("training.bench", "samples/s and peak memory per ZeRO stage and worker count"),
+}
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; printed as one line, never as a stack trace."""
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config (default: built-in defaults = configs/tiny.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. dmd.lr=1e-5"
+    )
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.workflow import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="causvid",
+        description="Distil a bidirectional video diffusion teacher into a streaming 4-step causal student "
+        "(CausVid) on Ray Data, Ray Train + DeepSpeed and MLflow.",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    stage_list = ", ".join(STAGES)
+
+    run = commands.add_parser("run", help="run the stage DAG, skipping complete outputs", description=f"Stages: {stage_list}.")
+    _config_args(run)
+    run.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones must be complete)")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage even if complete")
+
+    stage = commands.add_parser("stage", help="run one stage (its inputs must be complete)")
+    stage.add_argument("name", choices=list(STAGES), metavar="NAME", help=stage_list)
+    _config_args(stage)
+    stage.add_argument("--force", action="store_true", help="re-run even if complete")
+
+    status = commands.add_parser("status", help="list stages as done / missing / stale with their output URIs")
+    _config_args(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    submit = commands.add_parser(
+        "submit",
+        help="run a causvid command as a Ray job on a cluster",
+        description="Example: causvid submit --address http://127.0.0.1:8265 -- run --config configs/tiny.yaml",
+    )
+    submit.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.add_argument("args", nargs=argparse.REMAINDER, help="the causvid command to run, after --")
+
+    bench = commands.add_parser("bench", help="benchmarks that print JSON")
+    bench.add_argument("name", choices=list(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.overrides)
+    if getattr(args, "address", None):
+        overrides.append(f"ray.address={args.address}")
+    return load_config(args.config, overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from infra.cluster import ensure_ray
+    from pipelines.workflow import run_stages, select_stages
+
+    config = _load(args)
+    stages = select_stages(config, start=args.start, until=args.until)
+    ensure_ray(config)
+    outputs = run_stages(config, stages, force=args.force, parent_run_name="run")
+    for name, uri in outputs.items():
+        print(f"{name:15s} {uri}")
+    return 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from infra.cluster import ensure_ray
+    from pipelines.workflow import run_stages
+
+    config = _load(args)
+    ensure_ray(config)
+    outputs = run_stages(config, [args.name], force=[args.name] if args.force else [], parent_run_name=args.name)
+    print(outputs[args.name])
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipelines.workflow import status
+
+    rows = status(_load(args))
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+        return 0
+    marks = {"done": "done   ", "stale": "stale  ", "missing": "missing"}
+    for row in rows:
+        print(f"{row.name:15s} {marks[row.state]} {row.uri}  {row.detail}".rstrip())
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from infra.cluster import submit
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError("submit needs a cluster: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    forwarded = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if not forwarded:
+        raise UserError("submit needs a command after --, e.g. causvid submit -- run --config configs/tiny.yaml")
+    return submit(address, forwarded, wait=not args.no_wait)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    module_name = BENCHMARKS[args.name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise UserError(f"benchmark '{args.name}' is not implemented yet") from None
+    forwarded = args.args[1:] if args.args[:1] == ["--"] else args.args
+    print(json.dumps(module.main(forwarded), indent=2))
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "stage": _cmd_stage, "status": _cmd_status, "submit": _cmd_submit, "bench": _cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "botocore", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, IncompleteOutputError, UserError, NotImplementedError) as err:
+        print(f"causvid: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Ray: a local Ray for the embedded default, a cluster by address, and job submission.
+
+The cluster is an argument, not a code path: the same stage code runs in a local Ray started here or
+inside a Ray job on a cluster (`causvid submit`), which connects to that cluster's Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from pathlib import Path
+
+import ray
+
+from infra.config import PipelineConfig
+
+FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "CAUSVID_", "DS_ACCELERATOR")
+QUIET_RAY_ENV = {
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "RAY_DEDUP_LOGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def forwarded_env() -> dict[str, str]:
+    """Storage, tracking and accelerator settings that workers and jobs must see as the driver does."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env.update({k: os.environ.get(k, v) for k, v in QUIET_RAY_ENV.items()})
+    return env
+
+
+def ensure_ray(config: PipelineConfig) -> None:
+    """Connect to `ray.address`/$RAY_ADDRESS (or the job's cluster), else start a local Ray once."""
+    if ray.is_initialized():
+        return
+    for key, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": forwarded_env()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=config.ray.num_cpus,
+        include_dashboard=config.ray.dashboard,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+def submit(address: str, args: list[str], wait: bool = True, working_dir: str | Path = ".") -> int:
+    """Run `causvid ARGS` as a Ray job on the cluster at `address`, stream its logs, return its exit status.
+
+    The job runs `python -m infra.cli` in the uploaded working directory, with the `python` of the
+    cluster's nodes, which has the project's dependencies installed (see ray_cluster.yaml).
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    entrypoint = "python -m infra.cli " + " ".join(shlex.quote(a) for a in args)
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(working_dir), "env_vars": forwarded_env(), "excludes": EXCLUDES},
+    )
+    print(f"submitted job {job_id} to {address}: causvid {' '.join(args)}", flush=True)
+    if not wait:
+        return 0
+    _stream_logs(client, job_id)
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    status = client.get_job_status(job_id)
+    while status not in terminal:
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    print(f"job {job_id} {status.value}", flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+EXCLUDES = [".venv", ".git", "causvid-data", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+
+
+def _stream_logs(client, job_id: str) -> None:
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())

@@ -1,0 +1,236 @@
+"""Typed configuration for every stage, loaded from YAML and overridable with `--set a.b=c`.
+
+Each stage reads only its own section; the section (plus the fingerprints of the stage's inputs)
+is what the stage's output fingerprint hashes, so changing `dmd.lr` re-runs `dmd` and what follows
+it, and nothing before it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; its message is one line that says how to fix it."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class StorageConfig(Section):
+    """Where stage outputs live: a local folder (relative to the working directory) or `s3://bucket/prefix`."""
+
+    root: str = "causvid-data"
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint; defaults to $AWS_ENDPOINT_URL, then AWS itself."
+    )
+    s3_region: str | None = Field(default=None, description="Defaults to $AWS_REGION / $AWS_DEFAULT_REGION.")
+
+
+class TrackingConfig(Section):
+    """MLflow: `uri` wins, then $MLFLOW_TRACKING_URI, then a SQLite store under a local storage root."""
+
+    uri: str | None = None
+    experiment: str = "causvid"
+
+
+class RayConfig(Section):
+    """`address` (or $RAY_ADDRESS) connects to a cluster; without it a local Ray is started."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    dashboard: bool = False
+
+
+class ModelConfig(Section):
+    preset: str = "tiny"
+
+
+class SyntheticConfig(Section):
+    """The shapes world: captioned synthetic videos written as real H.264 MP4 files."""
+
+    num_videos: int = Field(default=64, ge=1)
+    seconds: float = Field(default=10.0, gt=0)
+    fps: int = Field(default=12, ge=1)
+    size: int = Field(default=64, ge=16)
+    seed: int = 0
+    videos_per_task: int = Field(default=8, ge=1)
+
+
+class ClipsConfig(Section):
+    """Clip curation: probe, filter, resample, resize/crop, cut, caption and text-embed real video files."""
+
+    manifest: str | None = Field(
+        default=None, description="CSV/JSONL/Parquet of `uri,caption`; default: the synthetic stage's manifest."
+    )
+    fps: int = Field(default=12, ge=1)
+    size: int = Field(default=64, ge=16)
+    clip_frames: int = Field(default=37, ge=1, description="1 + 4n frames, so the VAE maps it to 1 + n latents.")
+    stride_frames: int = Field(default=36, ge=1)
+    min_seconds: float = Field(default=1.0, ge=0)
+    min_side: int = Field(default=32, ge=1)
+    static_threshold: float = Field(default=0.002, ge=0)
+    blank_threshold: float = Field(default=0.02, ge=0)
+    rows_per_shard: int = Field(default=64, ge=1)
+    text_encoder: str = "minilm"
+
+
+class TrainConfig(Section):
+    """What every Ray Train + DeepSpeed stage shares."""
+
+    steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    checkpoint_every: int = Field(default=50, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    seed: int = 0
+
+
+class VaeConfig(TrainConfig):
+    kl_weight: float = Field(default=1e-6, ge=0)
+
+
+class TeacherConfig(TrainConfig):
+    text_dropout: float = Field(default=0.1, ge=0, le=1)
+
+
+class CausalTeacherConfig(TrainConfig):
+    pass
+
+
+class TrajectoriesConfig(Section):
+    """Teacher ODE trajectories: the states at the student's timesteps and the final x0, per prompt."""
+
+    num_prompts: int = Field(default=64, ge=1)
+    ode_steps: int = Field(default=48, ge=1)
+    cfg_scale: float = Field(default=3.0, ge=0)
+    rows_per_shard: int = Field(default=16, ge=1)
+    seed: int = 0
+
+
+class OdeInitConfig(TrainConfig):
+    pass
+
+
+class DmdConfig(TrainConfig):
+    teacher: Literal["bidirectional", "causal", "none"] = "bidirectional"
+    ode_init: bool = True
+    cfg_scale: float = Field(default=3.0, ge=0)
+    critic_steps: int = Field(default=5, ge=1)
+    critic_lr: float = Field(default=2e-4, gt=0)
+    t_min: float = Field(default=0.02, ge=0, le=1)
+    t_max: float = Field(default=0.98, ge=0, le=1)
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+
+
+class EvaluateConfig(Section):
+    seconds: float = Field(default=30.0, gt=0)
+    num_prompts: int = Field(default=8, ge=1)
+    seed: int = 1234
+    clip_checkpoint: str | None = Field(default=None, description="Local open_clip weights; CLIP metrics are skipped without.")
+
+
+class PipelineConfig(Section):
+    """The whole workflow's configuration; `configs/tiny.yaml` is the embedded default."""
+
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    clips: ClipsConfig = ClipsConfig()
+    vae: VaeConfig = VaeConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    causal_teacher: CausalTeacherConfig = CausalTeacherConfig()
+    trajectories: TrajectoriesConfig = TrajectoriesConfig()
+    ode_init: OdeInitConfig = OdeInitConfig()
+    dmd: DmdConfig = DmdConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML config (or the defaults) and apply `key.path=value` overrides, values parsed as YAML."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. configs/tiny.yaml)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, e.g. `dmd: {{lr: 1e-5}}`")
+        data = loaded or {}
+    for item in overrides:
+        _apply_override(data, item)
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> PipelineConfig:
+    """Validate a plain dict, turning pydantic's report into one line that names the key."""
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. dmd.lr=1e-5")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(first["loc"][:-1])
+        return f"unknown config key '{loc}' (allowed here: {', '.join(allowed)})"
+    if kind == "literal_error":
+        expected = first.get("ctx", {}).get("expected", "")
+        return f"config key '{loc}': must be one of {expected} (got {first['input']!r})"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config key '{loc}': {first['msg']} (got {first['input']!r}){more}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def section_dump(section: BaseModel) -> dict[str, Any]:
+    """A section as plain JSON-able data, the form that fingerprints and MLflow params use."""
+    return section.model_dump(mode="json")

@@ -1,0 +1,171 @@
+"""One module for URIs: local paths and `s3://bucket/prefix`, through pyarrow's filesystems.
+
+Ray Data reads and writes through the same `pyarrow.fs` objects, so a stage never cares where its
+root is. Writes are atomic per file (a local temp file renamed into place; an S3 object appears only
+once its upload completes), and an output folder counts only once its `_SUCCESS.json` manifest is
+written, last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST = "_SUCCESS.json"
+
+
+class IncompleteOutputError(FileNotFoundError):
+    """An output folder without its manifest: a stage that has not finished, or never ran."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def normalize(uri: str) -> str:
+    """Absolute form of a URI, so that Ray workers with another working directory agree on it."""
+    if is_s3(uri):
+        return uri.rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return str(Path(uri).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_s3(base) else str(Path(base, *parts))
+
+
+def s3_options() -> dict[str, Any]:
+    """Endpoint and region of the S3 store, from the standard AWS variables ($AWS_ENDPOINT_URL too)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    options: dict[str, Any] = {"region": region}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        options.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return options
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(options_key: str) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(**json.loads(options_key))
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `uri` and the path inside it (pyarrow's convention: `bucket/key` for S3)."""
+    if is_s3(uri):
+        return _s3_filesystem(json.dumps(s3_options(), sort_keys=True)), uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), normalize(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file so that readers see either nothing or all of it, never a prefix."""
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+    try:
+        with open(staging, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def upload_file(local_path: str | Path, uri: str) -> None:
+    write_bytes(uri, Path(local_path).read_bytes())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, value: Any) -> None:
+    write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_parquet(uri: str) -> pa.Table:
+    fs, path = resolve(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly under a folder URI (hidden and temporary ones left out), sorted."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    prefix = "s3://" if is_s3(uri) else ""
+    names = [
+        prefix + info.path
+        for info in infos
+        if info.type == pafs.FileType.File and not info.base_name.startswith((".", "_")) and info.base_name.endswith(suffix)
+    ]
+    return sorted(names)
+
+
+def list_dirs(uri: str) -> list[str]:
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + info.path for info in infos if info.type == pafs.FileType.Directory)
+
+
+def delete_tree(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def write_manifest(output_uri: str, manifest: dict[str, Any]) -> None:
+    """Mark an output complete; called last, after every file of the output is in place."""
+    write_json(join(output_uri, MANIFEST), manifest)
+
+
+def read_manifest(output_uri: str) -> dict[str, Any]:
+    """The manifest of a complete output; an output without one is refused."""
+    uri = join(output_uri, MANIFEST)
+    if not exists(uri):
+        raise IncompleteOutputError(f"{output_uri} is not a complete stage output (no {MANIFEST}); run its stage first")
+    return read_json(uri)
+
+
+def is_complete(output_uri: str) -> bool:
+    return exists(join(output_uri, MANIFEST))
+
+
+def parquet_files(output_uri: str) -> list[str]:
+    """The Parquet shards of a complete output, for Ray Data or pyarrow readers."""
+    read_manifest(output_uri)
+    return list_files(output_uri, ".parquet")

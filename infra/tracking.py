@@ -1,0 +1,134 @@
+"""MLflow: one parent run per workflow run, one child run per stage.
+
+The embedded default is a SQLite store with artifacts under the storage root; `tracking.uri` or
+$MLFLOW_TRACKING_URI point at a server instead. Ray workers log into the stage's child run by id
+(`log_to_run`), so a distributed stage still ends up as one run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.tracking import MlflowClient
+
+from infra import storage
+from infra.config import ConfigError, PipelineConfig
+
+SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def tracking_uri(config: PipelineConfig) -> str:
+    if config.tracking.uri:
+        return config.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = config.storage.root
+    if storage.is_s3(root):
+        raise ConfigError(
+            "storage.root is on S3 but no MLflow server is set: export MLFLOW_TRACKING_URI or set tracking.uri"
+        )
+    path = Path(storage.normalize(root))
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def artifact_location(config: PipelineConfig) -> str | None:
+    """Artifacts beside the data for the embedded default; a server decides its own otherwise."""
+    if config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return Path(storage.normalize(config.storage.root), "mlartifacts").as_uri()
+
+
+def configure(config: PipelineConfig) -> str:
+    """Point MLflow at the store and experiment of this config; returns the experiment id."""
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        experiment_id = mlflow.create_experiment(config.tracking.experiment, artifact_location=artifact_location(config))
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config as flat `a.b` params, with secret-looking keys redacted."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = REDACTED if SECRET_KEY.search(name) and value is not None else str(value)
+    return flat
+
+
+@contextmanager
+def workflow_run(config: PipelineConfig, name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    configure(config)
+    with mlflow.start_run(run_name=name, tags={"causvid.kind": "workflow", **tags}) as run:
+        mlflow.log_params(flatten({"storage": {"root": config.storage.root}, "model": config.model.model_dump()}))
+        yield run.info.run_id
+
+
+@contextmanager
+def stage_run(
+    config: PipelineConfig,
+    stage: str,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    output_uri: str,
+    parent_run_id: str,
+) -> Iterator[str]:
+    """A child run for one stage: config as params, inputs and output as tags and datasets."""
+    tags = {
+        "causvid.kind": "stage",
+        "causvid.stage": stage,
+        "causvid.output": output_uri,
+        **{f"causvid.input.{dep}": uri for dep, uri in inputs.items()},
+    }
+    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags=tags) as run:
+        mlflow.log_params(flatten({stage: dict(params)}))
+        for dep, uri in inputs.items():
+            log_dataset(uri, dep, context="input")
+        yield run.info.run_id
+
+
+def log_dataset(uri: str, name: str, context: str, fingerprint: str | None = None) -> None:
+    """Register a stage output as an MLflow dataset (its lineage), without copying any data."""
+    if fingerprint is None and storage.is_complete(uri):
+        fingerprint = str(storage.read_manifest(uri).get("fingerprint", ""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
+    dataset = MetaDataset(source=source, name=name, digest=fingerprint or None)
+    mlflow.log_input(dataset, context=context)
+
+
+def log_stage_result(manifest: Mapping[str, Any]) -> None:
+    """Counts, summary numbers, the manifest and the output dataset of a finished stage, into its run."""
+    numbers = {f"count.{k}": float(v) for k, v in manifest.get("counts", {}).items() if isinstance(v, (int, float))}
+    numbers.update({k: float(v) for k, v in manifest.get("summary", {}).items() if isinstance(v, (int, float))})
+    numbers["stage_seconds"] = float(manifest["seconds"])
+    mlflow.log_metrics(numbers)
+    mlflow.set_tag("causvid.fingerprint", manifest["fingerprint"])
+    mlflow.log_dict(dict(manifest), "manifest.json")
+    output = mlflow.get_run(mlflow.active_run().info.run_id).data.tags["causvid.output"]
+    log_dataset(output, manifest["stage"], context="output", fingerprint=manifest["fingerprint"])
+
+
+def log_to_run(tracking: str, run_id: str) -> MlflowClient:
+    """A client for logging into an existing run from another process (a Ray worker)."""
+    mlflow.set_tracking_uri(tracking)
+    return MlflowClient(tracking_uri=tracking)

@@ -1,0 +1,281 @@
+"""The stage DAG, output fingerprints, manifests, and the runner behind `causvid run` and `causvid stage`.
+
+Every stage writes one output under `<root>/<stage>/<fingerprint>/`. The fingerprint hashes the stage's
+config section, its inputs' fingerprints and the code version, so a changed config or a new teacher
+gets a new folder and the old one stays. An output counts only once `_SUCCESS.json` is written last;
+a complete output is skipped, and an interrupted stage resumes by keeping the shards it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from infra import storage, tracking
+from infra.config import ConfigError, PipelineConfig, section_dump
+
+log = logging.getLogger("causvid")
+
+SOURCE_PACKAGES = ("model", "pipelines", "training", "evaluation", "infra")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the DAG: its config section, the stages it reads, and where its `run(ctx)` lives."""
+
+    name: str
+    entry: str
+    inputs: Callable[[PipelineConfig], tuple[str, ...]]
+    section: str
+    description: str
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run(ctx) -> dict` receives: its config, its complete inputs, and where to write."""
+
+    name: str
+    config: PipelineConfig
+    inputs: dict[str, str]
+    output_uri: str
+    fingerprint: str
+    run_id: str | None = None
+    extra_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def section(self) -> BaseModel:
+        return getattr(self.config, STAGES[self.name].section)
+
+    def output(self, *parts: str) -> str:
+        return storage.join(self.output_uri, *parts)
+
+    def done(self, *parts: str) -> bool:
+        """Whether a file of this output is already in place (a finished shard of an interrupted run)."""
+        return storage.exists(self.output(*parts))
+
+
+def _always(*names: str) -> Callable[[PipelineConfig], tuple[str, ...]]:
+    return lambda _config: names
+
+
+def _clips_inputs(config: PipelineConfig) -> tuple[str, ...]:
+    return () if config.clips.manifest else ("synthetic",)
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("synthetic", "pipelines.synthetic:run", _always(), "synthetic", "render the shapes world to MP4 files"),
+        Stage("clips", "pipelines.clips:run", _clips_inputs, "clips", "curate videos into captioned clips (Parquet)"),
+        Stage("vae", "training.vae:run", _always("clips"), "vae", "train the causal 3D VAE"),
+        Stage("latents", "pipelines.latents:run", _always("clips", "vae"), "vae", "encode clips into latents"),
+        Stage("teacher", "training.teacher:run", _always("latents"), "teacher", "train the bidirectional teacher"),
+        Stage(
+            "causal_teacher",
+            "training.causal_teacher:run",
+            _always("latents", "teacher"),
+            "causal_teacher",
+            "fine-tune a block-causal many-step teacher",
+        ),
+        Stage(
+            "trajectories",
+            "pipelines.trajectories:run",
+            _always("latents", "teacher"),
+            "trajectories",
+            "teacher ODE trajectories at the student's timesteps",
+        ),
+        Stage("ode_init", "training.ode_init:run", _always("trajectories", "teacher"), "ode_init", "student ODE regression"),
+        Stage(
+            "dmd",
+            "training.dmd:run",
+            _always("latents", "teacher", "causal_teacher", "ode_init"),
+            "dmd",
+            "asymmetric distribution matching distillation",
+        ),
+        Stage(
+            "evaluate",
+            "evaluation.rollout:run",
+            _always("vae", "teacher", "causal_teacher", "ode_init", "dmd"),
+            "evaluate",
+            "30-second rollouts and drift metrics",
+        ),
+    )
+}
+
+
+def code_version() -> str:
+    """Hash of the project's Python sources: outputs made by other code never count as up to date."""
+    digest = hashlib.sha256()
+    top = Path(__file__).resolve().parent.parent
+    for package in SOURCE_PACKAGES:
+        for path in sorted((top / package).rglob("*.py")):
+            digest.update(str(path.relative_to(top)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def stage_order(until: str | None = None) -> list[str]:
+    names = list(STAGES)
+    return names if until is None else names[: names.index(until) + 1]
+
+
+def _check_stage(name: str | None) -> None:
+    if name is not None and name not in STAGES:
+        raise ConfigError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Fingerprints and output URIs of every stage for one config."""
+
+    root: str
+    fingerprints: dict[str, str]
+
+    def output_uri(self, stage: str) -> str:
+        return storage.join(self.root, stage, self.fingerprints[stage])
+
+
+def plan(config: PipelineConfig, code: str | None = None) -> Plan:
+    """Fingerprint every stage in DAG order: hash(stage, its section, its inputs' fingerprints, code)."""
+    code = code or code_version()
+    fingerprints: dict[str, str] = {}
+    for name, stage in STAGES.items():
+        section = section_dump(getattr(config, stage.section))
+        if name == "clips" and config.clips.manifest:
+            section["manifest_sha256"] = hashlib.sha256(storage.read_bytes(config.clips.manifest)).hexdigest()
+        payload = {
+            "stage": name,
+            "section": section,
+            "inputs": {dep: fingerprints[dep] for dep in stage.inputs(config)},
+            "code": code,
+            "model": section_dump(config.model),
+        }
+        fingerprints[name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return Plan(root=storage.normalize(config.storage.root), fingerprints=fingerprints)
+
+
+def _load_entry(entry: str) -> Callable[[StageContext], dict[str, Any]]:
+    module_name, _, attr = entry.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise NotImplementedError(f"stage module {module_name} is not implemented yet") from None
+        raise
+    return getattr(module, attr)
+
+
+@dataclass
+class StageState:
+    name: str
+    state: str
+    uri: str
+    detail: str = ""
+
+
+def status(config: PipelineConfig) -> list[StageState]:
+    """done: complete at the current fingerprint; stale: only other fingerprints complete; missing: none."""
+    the_plan = plan(config)
+    rows = []
+    for name in STAGES:
+        uri = the_plan.output_uri(name)
+        if storage.is_complete(uri):
+            rows.append(StageState(name, "done", uri, json.dumps(storage.read_manifest(uri).get("counts", {}))))
+            continue
+        others = [d for d in storage.list_dirs(storage.join(the_plan.root, name)) if storage.is_complete(d)]
+        state = "stale" if others else "missing"
+        rows.append(StageState(name, state, uri, f"{len(others)} older output(s)" if others else ""))
+    return rows
+
+
+def _upstream(config: PipelineConfig, names: Iterable[str]) -> set[str]:
+    needed: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name not in needed:
+            needed.add(name)
+            stack.extend(STAGES[name].inputs(config))
+    return needed
+
+
+def select_stages(
+    config: PipelineConfig, start: str | None = None, until: str | None = None, only: str | None = None
+) -> list[str]:
+    """Stages to visit, in DAG order: `only` one, or the ancestors of `until` (all by default) from `start` on."""
+    for name in (start, until, only):
+        _check_stage(name)
+    if only:
+        return [only]
+    targets = [until] if until else list(STAGES)
+    needed = _upstream(config, targets)
+    order = [name for name in STAGES if name in needed]
+    if start:
+        order = [name for name in order if list(STAGES).index(name) >= list(STAGES).index(start)]
+    return order
+
+
+def run_stages(
+    config: PipelineConfig,
+    stages: list[str],
+    force: Iterable[str] = (),
+    parent_run_name: str = "workflow",
+) -> dict[str, str]:
+    """Run the given stages in order under one MLflow parent run; complete outputs are skipped."""
+    force = set(force)
+    for name in force:
+        _check_stage(name)
+    the_plan = plan(config)
+    outputs: dict[str, str] = {}
+    with tracking.workflow_run(config, parent_run_name, {"stages": ",".join(stages)}) as parent_id:
+        for name in stages:
+            outputs[name] = _run_one(config, the_plan, name, name in force, parent_id)
+    return outputs
+
+
+def _run_one(config: PipelineConfig, the_plan: Plan, name: str, force: bool, parent_id: str) -> str:
+    stage = STAGES[name]
+    uri = the_plan.output_uri(name)
+    if storage.is_complete(uri) and not force:
+        log.info("%-15s complete, skipped  %s", name, uri)
+        return uri
+    if force:
+        storage.delete_tree(uri)
+    inputs = {dep: the_plan.output_uri(dep) for dep in stage.inputs(config)}
+    for dep, dep_uri in inputs.items():
+        if not storage.is_complete(dep_uri):
+            raise storage.IncompleteOutputError(
+                f"stage '{name}' needs '{dep}' at {dep_uri}, which is not complete; run `causvid run --until {name}`"
+            )
+    run_fn = _load_entry(stage.entry)
+    log.info("%-15s running -> %s", name, uri)
+    started = time.time()
+    section = getattr(config, stage.section)
+    with tracking.stage_run(config, name, section_dump(section), inputs, uri, parent_id) as run_id:
+        ctx = StageContext(name, config, inputs, uri, the_plan.fingerprints[name], run_id)
+        result = run_fn(ctx) or {}
+        seconds = time.time() - started
+        manifest = {
+            "stage": name,
+            "fingerprint": the_plan.fingerprints[name],
+            "inputs": inputs,
+            "config": section_dump(section),
+            "counts": result.get("counts", {}),
+            "summary": result.get("summary", {}),
+            "mlflow_run_id": run_id,
+            "seconds": round(seconds, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tracking.log_stage_result(manifest)
+        storage.write_manifest(uri, manifest)
+    log.info("%-15s done in %.1f s  %s", name, seconds, json.dumps(manifest["counts"]))
+    return uri

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from infra.cli import main
+from infra.config import ConfigError, PipelineConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_tiny_yaml_loads_and_overrides_apply() -> None:
+    config = load_config(REPO / "configs" / "tiny.yaml", ["dmd.lr=1e-5", "dmd.teacher=causal", "dmd.ode_init=false"])
+    assert config.model.preset == "tiny"
+    assert config.dmd.lr == pytest.approx(1e-5)
+    assert config.dmd.teacher == "causal"
+    assert config.dmd.ode_init is False
+
+
+def test_defaults_equal_an_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == PipelineConfig()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["dmd.lrr=3"], "unknown config key 'dmd.lrr' (allowed here: batch_size, cfg_scale"),
+        (["nosuch.key=1"], "unknown config key 'nosuch' (allowed here: causal_teacher, clips, dmd"),
+        (["dmd.teacher=foo"], "config key 'dmd.teacher': must be one of 'bidirectional', 'causal' or 'none' (got 'foo')"),
+        (["dmd.zero_stage=5"], "config key 'dmd.zero_stage': must be one of 0, 1, 2 or 3 (got 5)"),
+        (["teacher.lr=-1"], "config key 'teacher.lr': Input should be greater than 0 (got -1)"),
+        (["synthetic.num_videos=many"], "config key 'synthetic.num_videos': Input should be a valid integer"),
+        (["dmd.lr"], "override 'dmd.lr' must look like section.key=value"),
+        (["dmd.lr=1", "dmd.lr.x=1"], "override 'dmd.lr.x=1': lr is a value, not a section"),
+    ],
+)
+def test_bad_values_are_one_line_errors(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("dmd: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(scalar)
+
+
+def test_cli_reports_config_errors_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--set", "dmd.lrr=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("causvid: error: unknown config key 'dmd.lrr'")
+    assert len(err.splitlines()) == 1
