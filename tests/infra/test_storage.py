@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pytest
+
+from infra import storage
+
+
+def _roundtrip(root: str) -> None:
+    out = storage.join(root, "stage", "abc")
+    storage.write_bytes(storage.join(out, "a.bin"), b"hello")
+    storage.write_parquet(storage.join(out, "part-000.parquet"), pa.table({"x": [1, 2, 3]}))
+    storage.write_json(storage.join(out, "_notes.json"), {"k": 1})
+    assert storage.read_bytes(storage.join(out, "a.bin")) == b"hello"
+    assert storage.read_parquet(storage.join(out, "part-000.parquet")).column("x").to_pylist() == [1, 2, 3]
+    assert [Path(f).name for f in storage.list_files(out)] == ["a.bin", "part-000.parquet"]
+    with pytest.raises(storage.IncompleteOutputError, match="not a complete stage output"):
+        storage.parquet_files(out)
+    assert not storage.is_complete(out)
+    storage.write_manifest(out, {"counts": {"rows": 3}})
+    assert storage.read_manifest(out)["counts"] == {"rows": 3}
+    assert [Path(f).name for f in storage.parquet_files(out)] == ["part-000.parquet"]
+    assert [Path(d).name for d in storage.list_dirs(storage.join(root, "stage"))] == ["abc"]
+    storage.delete_tree(out)
+    assert not storage.exists(storage.join(out, "a.bin"))
+
+
+def test_local_roundtrip(tmp_path: Path) -> None:
+    _roundtrip(str(tmp_path / "root"))
+
+
+def test_s3_roundtrip_on_a_real_local_server(s3_bucket: str, s3_server: str) -> None:
+    _roundtrip(f"s3://{s3_bucket}/prefix")
+    storage.write_bytes(f"s3://{s3_bucket}/prefix/x/y.txt", b"z")
+    keys = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert [k["Key"] for k in keys if not k["Key"].endswith("/")] == ["prefix/x/y.txt"]
+
+
+def test_local_write_is_atomic_when_the_writer_dies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out" / "shard.bin"
+    storage.write_bytes(str(target), b"old")
+
+    def crash(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage.os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes(str(target), b"new contents that never land")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["shard.bin"]
+
+
+def test_normalize_makes_local_paths_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert storage.normalize("data") == str(tmp_path / "data")
+    assert storage.normalize("file://" + str(tmp_path / "d")) == str(tmp_path / "d")
+    assert storage.normalize("s3://bucket/prefix/") == "s3://bucket/prefix"

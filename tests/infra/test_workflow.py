@@ -1,0 +1,127 @@
+import dataclasses
+from pathlib import Path
+
+import mlflow
+import pyarrow as pa
+import pytest
+
+from infra import storage, tracking
+from infra.config import ConfigError
+from pipelines import workflow
+from pipelines.workflow import STAGES, StageContext, plan, run_stages, select_stages, status
+
+WRITTEN: list[int] = []
+CRASH_AT: list[int] = []
+
+
+def four_shards(ctx: StageContext) -> dict:
+    """A small real stage: four Parquet shards, resumable shard by shard."""
+    for index in range(4):
+        name = f"part-{index:03d}.parquet"
+        if ctx.done(name):
+            continue
+        if index in CRASH_AT:
+            raise RuntimeError("worker lost")
+        storage.write_parquet(ctx.output(name), pa.table({"row": [index * 10 + k for k in range(10)]}))
+        WRITTEN.append(index)
+    return {"counts": {"rows": 40, "shards": 4}, "summary": {"mean_row": 19.5}}
+
+
+@pytest.fixture(autouse=True)
+def use_four_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    stage = dataclasses.replace(STAGES["synthetic"], entry=f"{__name__}:four_shards")
+    monkeypatch.setitem(STAGES, "synthetic", stage)
+    WRITTEN.clear()
+    CRASH_AT.clear()
+
+
+def test_fingerprints_follow_the_dag(make_config) -> None:
+    base = plan(make_config(), code="c").fingerprints
+    assert plan(make_config(), code="c").fingerprints == base
+    changed = plan(make_config("teacher.lr=1e-3"), code="c").fingerprints
+    assert [s for s in STAGES if changed[s] != base[s]] == [
+        "teacher", "causal_teacher", "trajectories", "ode_init", "dmd", "evaluate",
+    ]
+    assert plan(make_config(), code="other").fingerprints["synthetic"] != base["synthetic"]
+    assert plan(make_config("ray.num_cpus=1"), code="c").fingerprints == base
+
+
+def test_complete_output_is_skipped_and_config_change_reruns(make_config) -> None:
+    config = make_config()
+    uri = run_stages(config, ["synthetic"])["synthetic"]
+    assert WRITTEN == [0, 1, 2, 3]
+    manifest = storage.read_manifest(uri)
+    assert manifest["counts"] == {"rows": 40, "shards": 4}
+    assert manifest["fingerprint"] == Path(uri).name
+    assert run_stages(config, ["synthetic"])["synthetic"] == uri
+    assert WRITTEN == [0, 1, 2, 3]
+    rerun = run_stages(make_config("synthetic.seed=7"), ["synthetic"])["synthetic"]
+    assert rerun != uri and WRITTEN == [0, 1, 2, 3] * 2
+    assert storage.is_complete(uri), "the old output stays intact"
+    run_stages(config, ["synthetic"], force=["synthetic"])
+    assert WRITTEN == [0, 1, 2, 3] * 3
+
+
+def test_crash_leaves_no_manifest_and_rerun_resumes(make_config) -> None:
+    config = make_config()
+    CRASH_AT.append(2)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_stages(config, ["synthetic"])
+    uri = plan(config).output_uri("synthetic")
+    assert not storage.is_complete(uri)
+    with pytest.raises(storage.IncompleteOutputError):
+        storage.parquet_files(uri)
+    assert [row.state for row in status(config)][0] == "missing"
+    CRASH_AT.clear()
+    run_stages(config, ["synthetic"])
+    assert WRITTEN == [0, 1, 2, 3], "finished shards are kept, only the missing ones run"
+    rows = pa.concat_tables([storage.read_parquet(f) for f in storage.parquet_files(uri)]).column("row").to_pylist()
+    assert sorted(rows) == list(range(40))
+
+
+def test_status_done_missing_stale(make_config) -> None:
+    config = make_config()
+    assert {row.state for row in status(config)} == {"missing"}
+    run_stages(config, ["synthetic"])
+    states = {row.name: row.state for row in status(config)}
+    assert states["synthetic"] == "done" and states["clips"] == "missing"
+    assert {row.name: row.state for row in status(make_config("synthetic.seed=3"))}["synthetic"] == "stale"
+
+
+def test_mlflow_parent_and_child_runs(make_config) -> None:
+    config = make_config("synthetic.num_videos=5")
+    uri = run_stages(config, ["synthetic"], parent_run_name="run")["synthetic"]
+    tracking.configure(config)
+    runs = mlflow.search_runs(experiment_names=["causvid"], output_format="list")
+    parent = next(r for r in runs if r.data.tags["causvid.kind"] == "workflow")
+    child = next(r for r in runs if r.data.tags["causvid.kind"] == "stage")
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.params["synthetic.num_videos"] == "5"
+    assert child.data.metrics["count.rows"] == 40
+    assert child.data.tags["causvid.output"] == uri
+    [dataset] = child.inputs.dataset_inputs
+    assert dataset.dataset.name == "synthetic"
+    assert dataset.dataset.digest == Path(uri).name
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "output"
+    assert storage.read_manifest(uri)["mlflow_run_id"] == child.info.run_id
+
+
+def test_selection_and_errors(make_config) -> None:
+    config = make_config()
+    assert select_stages(config, until="vae") == ["synthetic", "clips", "vae"]
+    assert select_stages(config, until="teacher", start="vae") == ["vae", "latents", "teacher"]
+    assert select_stages(make_config("clips.manifest=videos.csv"), until="clips") == ["clips"]
+    with pytest.raises(ConfigError, match="unknown stage 'teachr' \\(stages: synthetic, clips"):
+        select_stages(config, until="teachr")
+    with pytest.raises(storage.IncompleteOutputError, match="stage 'clips' needs 'synthetic'"):
+        run_stages(config, ["clips"])
+
+
+def test_secrets_are_redacted() -> None:
+    flat = tracking.flatten({"storage": {"root": "s3://b", "aws_secret_access_key": "abc", "token": None}})
+    assert flat == {"storage.root": "s3://b", "storage.aws_secret_access_key": "***", "storage.token": "None"}
+
+
+def test_code_version_hashes_sources() -> None:
+    assert len(workflow.code_version()) == 12
+    assert workflow.code_version() == workflow.code_version()
