@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,12 @@ STAGES: dict[str, Stage] = {
 }
 
 
+@lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of the project's Python sources: outputs made by other code never count as up to date."""
+    """Hash of the project's Python sources, taken once per process (the code it has loaded).
+
+    Outputs made by other code never count as up to date.
+    """
     digest = hashlib.sha256()
     top = Path(__file__).resolve().parent.parent
     for package in SOURCE_PACKAGES:
