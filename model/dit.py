@@ -1,0 +1,462 @@
+"""Video diffusion transformer (Wan2.1-style DiT) shared by teacher, critic and student.
+
+Latents are ``[B, F, C, H, W]``; tokens are ``1 x 2 x 2`` (by default) latent patches in (frame, row, column) order.
+Each latent frame carries its own flow time ``t [B, F]`` (chunks may sit at different noise levels), fed to the
+blocks by adaLN modulation. Self-attention is ``bidirectional`` or ``block_causal`` (frame i sees frame j iff
+``j // chunk <= i // chunk``); the output is the flow velocity ``eps - x0`` (see :mod:`model.schedule`).
+
+Incremental inference uses a :class:`KVCache`: one forward per chunk attends to the cached keys/values of earlier
+clean chunks; a forward with ``update_cache=True`` (the clean pass at t = 0) appends the chunk. Cached keys are
+stored *before* rotary embedding and rotated at every call with positions relative to the cache start (the oldest
+kept chunk, or the sink): the cached frames take frame positions ``0..n-1`` and the new chunk ``n..``. With a window
+of W chunks of k frames the largest position is ``(W + 1) * k - 1``, so a rollout of any length stays inside the
+range seen in training whenever ``(W + 1) * k`` is at most the training clip's latent frames. Rotary scores depend
+only on position differences, so without a sink this equals absolute positions exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from model import schedule
+
+ATTENTION_MODES = ("bidirectional", "block_causal")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Shape of the transformer; the defaults are Wan2.1-T2V-1.3B's."""
+
+    in_channels: int = 16
+    dim: int = 1536
+    depth: int = 30
+    heads: int = 12
+    ffn_dim: int = 8960
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch: tuple[int, int, int] = (1, 2, 2)
+    chunk_frames: int = 3
+    attention_mode: str = "bidirectional"
+    rope_theta: float = 10000.0
+    null_text_len: int = 1
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if (self.dim // self.heads) % 2:
+            raise ValueError("head dim must be even for rotary embedding")
+        if self.attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+def block_causal_mask(
+    num_frames: int,
+    chunk: int,
+    *,
+    window_chunks: int | None = None,
+    sink: bool = False,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Frame-level mask ``[F, F]`` (True = may attend): i sees j iff ``j // chunk <= i // chunk``.
+
+    With ``window_chunks = W`` frame i sees only chunks ``i // chunk - W .. i // chunk`` (plus chunk 0 if ``sink``),
+    which is what a KV cache keeping the last W chunks computes.
+    """
+    c = torch.arange(num_frames, device=device) // chunk
+    allowed = c[None, :] <= c[:, None]
+    if window_chunks is not None:
+        near = c[:, None] - c[None, :] <= window_chunks
+        if sink:
+            near = near | (c[None, :] == 0)
+        allowed = allowed & near
+    return allowed
+
+
+def token_mask(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
+    """Expand a frame mask ``[Fq, Fk]`` to tokens ``[Fq * S, Fk * S]`` (tokens are frame-major)."""
+    return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+@dataclass
+class LayerKV:
+    """Cached keys/values of one layer: ``[B, heads, N, head_dim]``, keys before rotary embedding."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+
+    def drop_tokens(self, start: int, stop: int) -> None:
+        assert self.k is not None and self.v is not None
+        self.k = torch.cat([self.k[:, :, :start], self.k[:, :, stop:]], dim=2)
+        self.v = torch.cat([self.v[:, :, :start], self.v[:, :, stop:]], dim=2)
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values of earlier clean chunks, bounded to the last ``window_chunks`` chunks.
+
+    With ``sink`` the first chunk ever cached stays as an attention sink and counts towards the window.
+    """
+
+    layers: list[LayerKV]
+    window_chunks: int | None = None
+    sink: bool = False
+    chunk_frames: list[int] = field(default_factory=list)
+    tokens_per_frame: int = 0
+    chunks_seen: int = 0
+
+    @classmethod
+    def empty(cls, depth: int, window_chunks: int | None = None, sink: bool = False) -> KVCache:
+        if window_chunks is not None and window_chunks < (2 if sink else 1):
+            raise ValueError(f"window_chunks={window_chunks} leaves no recent chunk (sink={sink})")
+        return cls(layers=[LayerKV() for _ in range(depth)], window_chunks=window_chunks, sink=sink)
+
+    @property
+    def num_frames(self) -> int:
+        return sum(self.chunk_frames)
+
+    def commit(self, frames: int, tokens_per_frame: int) -> None:
+        """Record a chunk of ``frames`` frames whose keys every layer has just appended, then evict."""
+        if self.tokens_per_frame and tokens_per_frame != self.tokens_per_frame:
+            raise ValueError("chunk resolution differs from the cached chunks")
+        self.tokens_per_frame = tokens_per_frame
+        self.chunk_frames.append(frames)
+        self.chunks_seen += 1
+        while self.window_chunks is not None and len(self.chunk_frames) > self.window_chunks:
+            idx = 1 if self.sink else 0
+            start = sum(self.chunk_frames[:idx]) * tokens_per_frame
+            stop = start + self.chunk_frames[idx] * tokens_per_frame
+            for layer in self.layers:
+                layer.drop_tokens(start, stop)
+            del self.chunk_frames[idx]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Rotary pairs given to (frame, row, column): the frame axis takes the remainder, as in Wan."""
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+def rope_angles(frames: Tensor, rows: int, cols: int, head_dim: int, theta: float) -> Tensor:
+    """Angles ``[len(frames) * rows * cols, head_dim // 2]`` for tokens in (frame, row, column) order."""
+    device = frames.device
+    parts = []
+    for n_pairs, pos in zip(
+        rope_split(head_dim),
+        (frames.double(), torch.arange(rows, device=device).double(), torch.arange(cols, device=device).double()),
+    ):
+        inv_freq = theta ** (-torch.arange(n_pairs, device=device, dtype=torch.float64) / n_pairs)
+        parts.append(pos[:, None] * inv_freq[None, :])
+    f, h, w = len(frames), rows, cols
+    grid = torch.cat(
+        [
+            parts[0][:, None, None, :].expand(f, h, w, -1),
+            parts[1][None, :, None, :].expand(f, h, w, -1),
+            parts[2][None, None, :, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    )
+    return grid.reshape(f * h * w, -1).float()
+
+
+def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate adjacent pairs of ``x [B, H, N, Dh]`` by ``angles [N, Dh // 2]``."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of flow times ``t [...]`` scaled to 0..1000: ``[..., dim]`` (cos first, as in Wan)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float64) / half)
+    args = (t.double() * schedule.TIMESTEP_SCALE)[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).float()
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        angles: Tensor,
+        mask: Tensor | None,
+        cache: LayerKV | None,
+        update_cache: bool,
+    ) -> Tensor:
+        """``x: [B, N, D]``; ``angles`` cover the cached tokens then the N new ones; ``mask: [N, N_cache + N]``."""
+        split = "b n (h d) -> b h n d"
+        q = rearrange(self.norm_q(self.q(x)), split, h=self.heads)
+        k = rearrange(self.norm_k(self.k(x)), split, h=self.heads)
+        v = rearrange(self.v(x), split, h=self.heads)
+        k_all, v_all = k, v
+        if cache is not None and cache.k is not None:
+            k_all = torch.cat([cache.k, k], dim=2)
+            v_all = torch.cat([cache.v, v], dim=2)
+        if cache is not None and update_cache:
+            cache.append(k, v)
+        n = x.shape[1]
+        q = apply_rope(q, angles[-n:])
+        k_all = apply_rope(k_all, angles)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        return self.o(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+        """``x: [B, N, D]``, ``context: [B, L, D]``, ``context_mask: [B, L]`` (True = real token)."""
+        split = "b n (h d) -> b h n d"
+        q = rearrange(self.norm_q(self.q(x)), split, h=self.heads)
+        k = rearrange(self.norm_k(self.k(context)), split, h=self.heads)
+        v = rearrange(self.v(context), split, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask[:, None, None, :])
+        return self.o(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """Self-attention, cross-attention, MLP; the first and last modulated per latent frame (adaLN-Zero gates)."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
+        self.modulation = nn.Parameter(torch.zeros(1, 1, 6, cfg.dim))
+
+    def forward(
+        self,
+        x: Tensor,
+        e: Tensor,
+        context: Tensor,
+        context_mask: Tensor,
+        angles: Tensor,
+        mask: Tensor | None,
+        cache: LayerKV | None,
+        update_cache: bool,
+    ) -> Tensor:
+        """``x: [B, N, D]`` with N = F * S tokens; ``e: [B, F, 6, D]`` per-frame modulation."""
+        b, f = e.shape[:2]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unsqueeze(3).unbind(2)
+
+        def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+            return (h.view(b, f, -1, h.shape[-1]) * (1 + scale) + shift).view_as(h)
+
+        def gated(h: Tensor, gate: Tensor) -> Tensor:
+            return (h.view(b, f, -1, h.shape[-1]) * gate).view_as(h)
+
+        h = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, mask, cache, update_cache)
+        x = x + gated(h, gate1)
+        x = x + self.cross_attn(self.norm3(x), context, context_mask)
+        x = x + gated(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
+        return x
+
+
+class DiT(nn.Module):
+    """Flow-velocity transformer. ``forward(x [B, F, C, H, W], t [B, F], text [B, L, text_dim], mask [B, L])``.
+
+    The attention mode is the ``attention_mode`` attribute (from the config) or a forward argument, so a student is
+    the teacher's state dict loaded into a model used in ``block_causal`` mode.
+    """
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attention_mode = cfg.attention_mode
+        self.gradient_checkpointing = False
+        pt, ph, pw = cfg.patch
+        self.patch_embed = nn.Linear(cfg.in_channels * pt * ph * pw, cfg.dim)
+        self.text_embed = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.head_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head_modulation = nn.Parameter(torch.zeros(1, 1, 2, cfg.dim))
+        self.head = nn.Linear(cfg.dim, cfg.in_channels * pt * ph * pw)
+        self.null_text_embedding = nn.Parameter(torch.zeros(cfg.null_text_len, cfg.text_dim))
+        self.initialize()
+
+    def initialize(self, adaln_zero: bool = True) -> None:
+        """Xavier linears; with ``adaln_zero`` every gate and the output start at zero (DiT), else random (Wan)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.null_text_embedding, std=0.02)
+        modulations = [self.head_modulation, *(b.modulation for b in self.blocks)]
+        if adaln_zero:
+            for p in [*modulations, self.time_proj[-1].weight, self.head.weight]:
+                nn.init.zeros_(p)
+        else:
+            for p in modulations:
+                nn.init.normal_(p, std=self.cfg.dim**-0.5)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def null_text(self, batch_size: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+        """Learned null caption for classifier-free guidance: ``emb [B, L, text_dim]``, ``mask [B, L]``.
+
+        Padded with zeros (masked out) to ``length`` so it can stand in for a batch of captions of that length.
+        """
+        n = self.cfg.null_text_len
+        length = n if length is None else length
+        if length < n:
+            raise ValueError(f"length {length} is shorter than the null embedding ({n})")
+        emb = F.pad(self.null_text_embedding, (0, 0, 0, length - n)).expand(batch_size, -1, -1)
+        mask = torch.zeros(batch_size, length, dtype=torch.bool, device=emb.device)
+        mask[:, :n] = True
+        return emb, mask
+
+    def drop_text(self, text: Tensor, text_mask: Tensor, drop: Tensor) -> tuple[Tensor, Tensor]:
+        """Replace the captions of samples where ``drop [B]`` is True by the null caption (CFG training)."""
+        null, null_mask = self.null_text(text.shape[0], text.shape[1])
+        d = drop.to(text.device)
+        return torch.where(d[:, None, None], null.to(text.dtype), text), torch.where(d[:, None], null_mask, text_mask)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        *,
+        mode: str | None = None,
+        window_chunks: int | None = None,
+        sink: bool = False,
+        cache: KVCache | None = None,
+        update_cache: bool = False,
+    ) -> Tensor:
+        """Velocity ``[B, F, C, H, W]`` for latents ``x [B, F, C, H, W]`` at per-frame times ``t [B, F]`` (or ``[B]``).
+
+        ``mode`` overrides ``self.attention_mode``. Without a cache, ``window_chunks``/``sink`` restrict a
+        ``block_causal`` forward to what a sliding-window cache sees. With a ``cache``, ``x`` is the next chunk(s)
+        (starting on a chunk boundary) and attends to every cached frame; ``update_cache`` appends its keys/values.
+        """
+        cfg = self.cfg
+        mode = mode or self.attention_mode
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"mode must be one of {ATTENTION_MODES}, got {mode!r}")
+        b, f, _, hh, ww = x.shape
+        pt, ph, pw = cfg.patch
+        if pt != 1:
+            raise ValueError("per-frame modulation needs a temporal patch of 1")
+        gh, gw = hh // ph, ww // pw
+        tokens_per_frame = gh * gw
+        t = t.expand(b, f) if t.dim() == 2 else t[:, None].expand(b, f)
+
+        tokens = self.patch_embed(rearrange(x, "b f c (h p) (w q) -> b (f h w) (c p q)", p=ph, q=pw))
+        e = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(tokens.dtype))
+        e_mod = self.time_proj(e).unflatten(-1, (6, cfg.dim))
+        context = self.text_embed(text.to(tokens.dtype))
+        context_mask = text_mask.bool() | ~text_mask.bool().any(-1, keepdim=True)
+
+        past = cache.num_frames if cache is not None else 0
+        frames = torch.arange(past + f, device=x.device)
+        angles = rope_angles(frames, gh, gw, cfg.head_dim, cfg.rope_theta)
+        mask = None
+        if mode == "block_causal":
+            frame_mask = block_causal_mask(
+                f, cfg.chunk_frames, window_chunks=None if cache else window_chunks, sink=sink, device=x.device
+            )
+            if not bool(frame_mask.all()):
+                mask = token_mask(frame_mask, tokens_per_frame)
+                if past:
+                    mask = torch.cat([mask.new_ones(mask.shape[0], past * tokens_per_frame), mask], dim=1)
+
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            args = (tokens, e_mod, context, context_mask, angles, mask, layer_cache, update_cache)
+            if self.gradient_checkpointing and self.training and cache is None:
+                tokens = checkpoint(block, *args, use_reentrant=False)
+            else:
+                tokens = block(*args)
+        if cache is not None and update_cache:
+            cache.commit(f, tokens_per_frame)
+
+        shift, scale = (self.head_modulation + e[:, :, None]).unsqueeze(3).unbind(2)
+        h = self.head_norm(tokens).view(b, f, tokens_per_frame, -1) * (1 + scale) + shift
+        out = self.head(h)
+        return rearrange(
+            out, "b f (h w) (c p q) -> b f c (h p) (w q)", h=gh, w=gw, p=ph, q=pw, c=cfg.in_channels
+        )
+
+    def new_cache(self, window_chunks: int | None = None, sink: bool = False) -> KVCache:
+        return KVCache.empty(self.cfg.depth, window_chunks=window_chunks, sink=sink)
+
+    def predict_x0(self, x_t: Tensor, t: Tensor, text: Tensor, text_mask: Tensor, **kwargs) -> Tensor:
+        """Clean-latent prediction ``[B, F, C, H, W]`` from the velocity (``x0 = x_t - t v``)."""
+        return schedule.velocity_to_x0(x_t, self(x_t, t, text, text_mask, **kwargs), t)
+
+    def guided_velocity(
+        self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor, guidance_scale: float, **kwargs
+    ) -> Tensor:
+        """Classifier-free-guided velocity; conditional and null captions run as one batch of 2B.
+
+        With a cache, that cache must hold 2B rows (built by guided passes), conditional rows first.
+        """
+        if guidance_scale == 1.0:
+            return self(x, t, text, text_mask, **kwargs)
+        null, null_mask = self.null_text(x.shape[0], text.shape[1])
+        v = self(
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            torch.cat([text, null.to(text.dtype)]),
+            torch.cat([text_mask.bool(), null_mask]),
+            **kwargs,
+        )
+        v_cond, v_uncond = v.chunk(2)
+        return schedule.guided_velocity(v_cond, v_uncond, guidance_scale)

@@ -1,0 +1,255 @@
+"""Causal 3D convolutional VAE: the first frame alone, then every 4 frames into one latent frame.
+
+Layout everywhere in this project: ``video: [B, T, 3, H, W]`` with pixels in [-1, 1] and
+``latents: [B, F, C, H / s, W / s]`` with ``F = 1 + (T - 1) / 4``. Every temporal convolution is causal (padded
+with zeros on the past side only) and every normalisation is per position (RMS over channels), so a latent
+frame's pixels depend only on it and earlier latent frames. Decoding can therefore stream: a
+:class:`StreamingDecoder` keeps the last inputs of each causal convolution and turns latent frames into pixel
+frames as they arrive (1 pixel frame for latent frame 0, then 4 per latent frame), equal to a whole-clip decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+ConvCache = dict[nn.Module, Tensor]
+"""Per-module streaming state: the trailing input frames of each causal convolution, ``[B, C, k-1, H, W]``."""
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Channel widths per resolution level; each level but the last halves space, ``temporal_down`` says which
+    also halve time (two of them for x4). ``kl`` adds a Gaussian posterior; ``scale`` maps latents to ~unit std."""
+
+    latent_channels: int = 16
+    channels: tuple[int, ...] = (96, 192, 384, 384)
+    temporal_down: tuple[bool, ...] = (False, True, True)
+    res_blocks: int = 1
+    kl: bool = True
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if len(self.temporal_down) != len(self.channels) - 1:
+            raise ValueError("temporal_down needs one entry per downsampling (len(channels) - 1)")
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal_down)
+
+    def latent_frames(self, frames: int) -> int:
+        if (frames - 1) % self.temporal_factor:
+            raise ValueError(f"clip length {frames} is not 1 + {self.temporal_factor} n")
+        return 1 + (frames - 1) // self.temporal_factor
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        return 1 + (latent_frames - 1) * self.temporal_factor
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D convolution over ``[B, C, T, H, W]`` padded causally in time; with a cache it continues a stream."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int] = (3, 3, 3)) -> None:
+        kt, kh, kw = kernel
+        super().__init__(cin, cout, kernel, padding=(0, kh // 2, kw // 2))
+        self.time_pad = kt - 1
+
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+        if self.time_pad:
+            past = None if cache is None else cache.get(self)
+            if past is None:
+                past = x.new_zeros(x.shape[0], x.shape[1], self.time_pad, *x.shape[3:])
+            x = torch.cat([past, x], dim=2)
+            if cache is not None:
+                cache[self] = x[:, :, -self.time_pad :].detach()
+        return super().forward(x)
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMS norm over channels of ``[B, C, T, H, W]``: per position, so it never mixes frames."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels, 1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.norm1 = ChannelRMSNorm(cin)
+        self.conv1 = CausalConv3d(cin, cout)
+        self.norm2 = ChannelRMSNorm(cout)
+        self.conv2 = CausalConv3d(cout, cout)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)
+        h = self.conv2(F.silu(self.norm2(h)), cache)
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve space (stride-2 conv) and optionally time: frames ``1 + 2n -> 1 + n``, output j sees inputs <= 2j."""
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.spatial = nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.temporal = nn.Conv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.spatial(x)
+        if self.temporal is not None:
+            x = self.temporal(F.pad(x, (0, 0, 0, 0, 2, 0)))
+        return x
+
+
+class Upsample(nn.Module):
+    """Double space (nearest + conv) and optionally time: each frame becomes two, except the clip's first frame."""
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.temporal = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
+        self.spatial = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
+        if self.temporal is not None:
+            started = cache is not None and self in cache
+            x = rearrange(self.temporal(x, cache), "b (two c) t h w -> b c (t two) h w", two=2)
+            if not started:
+                x = x[:, :, 1:]
+            if cache is not None:
+                cache[self] = x.new_empty(0)
+        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
+        return self.spatial(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        ch = cfg.channels
+        self.conv_in = CausalConv3d(3, ch[0])
+        self.levels = nn.ModuleList()
+        for i, c in enumerate(ch):
+            blocks: list[nn.Module] = [ResBlock(ch[i - 1] if (i and j == 0) else c, c) for j in range(cfg.res_blocks)]
+            level = nn.ModuleDict({"blocks": nn.ModuleList(blocks)})
+            if i < len(ch) - 1:
+                level["down"] = Downsample(c, cfg.temporal_down[i])
+            self.levels.append(level)
+        self.mid = ResBlock(ch[-1], ch[-1])
+        self.norm_out = ChannelRMSNorm(ch[-1])
+        self.conv_out = CausalConv3d(ch[-1], cfg.latent_channels * (2 if cfg.kl else 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.levels:
+            for block in level["blocks"]:
+                h = block(h)
+            if "down" in level:
+                h = level["down"](h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        ch = cfg.channels[::-1]
+        ups = cfg.temporal_down[::-1]
+        self.conv_in = CausalConv3d(cfg.latent_channels, ch[0])
+        self.mid = ResBlock(ch[0], ch[0])
+        self.levels = nn.ModuleList()
+        for i, c in enumerate(ch):
+            blocks: list[nn.Module] = [ResBlock(ch[i - 1] if (i and j == 0) else c, c) for j in range(cfg.res_blocks)]
+            level = nn.ModuleDict({"blocks": nn.ModuleList(blocks)})
+            if i < len(ch) - 1:
+                level["up"] = Upsample(c, ups[i])
+            self.levels.append(level)
+        self.norm_out = ChannelRMSNorm(ch[-1])
+        self.conv_out = CausalConv3d(ch[-1], 3)
+
+    def forward(self, z: Tensor, cache: ConvCache | None = None) -> Tensor:
+        h = self.mid(self.conv_in(z, cache), cache)
+        for level in self.levels:
+            for block in level["blocks"]:
+                h = block(h, cache)
+            if "up" in level:
+                h = level["up"](h, cache)
+        return self.conv_out(F.silu(self.norm_out(h)), cache)
+
+
+class VAE(nn.Module):
+    """``encode(video [B, T, 3, H, W]) -> latents [B, F, C, h, w]`` and back; see the module docstring."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def encode_distribution(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior ``(mean, logvar)`` of scaled latents, each ``[B, F, C, h, w]`` (logvar = -inf without KL)."""
+        self.cfg.latent_frames(video.shape[1])
+        h = rearrange(self.encoder(rearrange(video, "b t c h w -> b c t h w")), "b c f h w -> b f c h w")
+        if not self.cfg.kl:
+            return h * self.cfg.scale, torch.full_like(h, float("-inf"))
+        mean, logvar = h.chunk(2, dim=2)
+        return mean * self.cfg.scale, logvar.clamp(-30.0, 20.0) + 2 * torch.log(torch.tensor(self.cfg.scale))
+
+    def encode(self, video: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Latents ``[B, F, C, h, w]``: the posterior mean, or a sample when ``sample`` (KL only)."""
+        mean, logvar = self.encode_distribution(video)
+        if not sample or not self.cfg.kl:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + (0.5 * logvar).exp() * noise
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Whole-clip decode: ``[B, F, C, h, w] -> video [B, 1 + 4(F - 1), 3, H, W]`` (unclamped)."""
+        z = rearrange(latents / self.cfg.scale, "b f c h w -> b c f h w")
+        return rearrange(self.decoder(z), "b c t h w -> b t c h w")
+
+    def stream_decoder(self) -> StreamingDecoder:
+        return StreamingDecoder(self)
+
+    def forward(self, video: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Training losses on ``video [B, T, 3, H, W]``: ``recon`` (mean squared error), ``kl`` (per element)."""
+        mean, logvar = self.encode_distribution(video)
+        z = mean
+        if self.cfg.kl:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + (0.5 * logvar).exp() * noise
+        recon = self.decode(z)
+        out = {"recon": F.mse_loss(recon, video), "video": recon}
+        if self.cfg.kl:
+            m, lv = mean / self.cfg.scale, logvar - 2 * torch.log(torch.tensor(self.cfg.scale))
+            out["kl"] = 0.5 * (m.pow(2) + lv.exp() - 1 - lv).mean()
+        else:
+            out["kl"] = mean.new_zeros(())
+        return out
+
+
+class StreamingDecoder:
+    """Decode latent frames as they arrive: ``push(latents [B, n, C, h, w]) -> video [B, T_n, 3, H, W]``.
+
+    The first push's first latent frame yields one pixel frame, every other latent frame four.
+    """
+
+    def __init__(self, vae: VAE) -> None:
+        self.vae = vae
+        self.cache: ConvCache = {}
+
+    def push(self, latents: Tensor) -> Tensor:
+        z = rearrange(latents / self.vae.cfg.scale, "b f c h w -> b c f h w")
+        return rearrange(self.vae.decoder(z, self.cache), "b c t h w -> b t c h w")

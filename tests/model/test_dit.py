@@ -1,0 +1,195 @@
+"""DiT equivalences: masks, KV-cached chunk-by-chunk inference, sliding windows, causality, guidance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.dit import DiT, block_causal_mask, token_mask
+from tests.model.conftest import make_dit, make_text
+
+ATOL = 1e-5
+
+
+def _latents(batch: int = 2, frames: int = 6, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, frames, 4, 8, 8, generator=g), torch.rand(batch, frames, generator=g)
+
+
+@pytest.mark.parametrize("frames,chunk", [(1, 1), (5, 1), (6, 2), (7, 3), (9, 3), (10, 4), (4, 8)])
+def test_block_causal_mask_matches_formula(frames: int, chunk: int) -> None:
+    mask = block_causal_mask(frames, chunk)
+    expected = torch.tensor([[j // chunk <= i // chunk for j in range(frames)] for i in range(frames)])
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("window,sink", [(1, False), (2, False), (2, True)])
+def test_windowed_mask_matches_formula(window: int, sink: bool) -> None:
+    frames, chunk = 11, 2
+    mask = block_causal_mask(frames, chunk, window_chunks=window, sink=sink)
+    for i in range(frames):
+        for j in range(frames):
+            ci, cj = i // chunk, j // chunk
+            ok = cj <= ci and (ci - cj <= window or (sink and cj == 0))
+            assert bool(mask[i, j]) == ok
+
+
+def test_token_mask_expands_frames() -> None:
+    tok = token_mask(block_causal_mask(4, 2), 3)
+    assert tok.shape == (12, 12)
+    for qi in range(12):
+        for ki in range(12):
+            assert bool(tok[qi, ki]) == ((ki // 3) // 2 <= (qi // 3) // 2)
+
+
+def test_cached_chunks_equal_full_block_causal_forward(dit: DiT, text: tuple) -> None:
+    x, t = _latents(frames=7)
+    with torch.no_grad():
+        full = dit(x, t, *text, mode="block_causal")
+        cache = dit.new_cache()
+        for start in range(0, 7, 2):
+            sl = slice(start, start + 2)
+            out = dit(x[:, sl], t[:, sl], *text, mode="block_causal", cache=cache)
+            assert torch.allclose(out, full[:, sl], atol=ATOL), f"chunk at frame {start}"
+            dit(x[:, sl], t[:, sl], *text, mode="block_causal", cache=cache, update_cache=True)
+    assert cache.num_frames == 7 and cache.chunk_frames == [2, 2, 2, 1]
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_sliding_window_cache_equals_windowed_full_forward(dit: DiT, text: tuple, window: int) -> None:
+    x, t = _latents(frames=10)
+    with torch.no_grad():
+        full = dit(x, t, *text, mode="block_causal", window_chunks=window)
+        cache = dit.new_cache(window_chunks=window)
+        outs = [dit(x[:, s : s + 2], t[:, s : s + 2], *text, cache=cache, update_cache=True) for s in range(0, 10, 2)]
+    assert torch.allclose(torch.cat(outs, 1), full, atol=ATOL)
+    assert cache.chunk_frames == [2] * window
+    assert cache.layers[0].k.shape[2] == window * 2 * 16
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_sliding_window_equals_recompute_over_window_frames(text: tuple, sink: bool) -> None:
+    """With one layer the cached keys depend only on their own frames, so a rollout equals a fresh forward
+    over exactly the frames in the window (sink first), including the rotary positions relative to the window."""
+    model = make_dit(depth=1)
+    x, t = _latents(frames=12)
+    window = 3
+    with torch.no_grad():
+        cache = model.new_cache(window_chunks=window, sink=sink)
+        for s in range(0, 10, 2):
+            model(x[:, s : s + 2], t[:, s : s + 2], *text, mode="block_causal", cache=cache, update_cache=True)
+        last = model(x[:, 10:12], t[:, 10:12], *text, mode="block_causal", cache=cache)
+        kept = ([0, 1, 6, 7, 8, 9] if sink else [4, 5, 6, 7, 8, 9]) + [10, 11]
+        fresh = model(x[:, kept], t[:, kept], *text, mode="block_causal")
+    assert cache.num_frames == window * 2
+    assert torch.allclose(last, fresh[:, -2:], atol=ATOL)
+
+
+def test_long_rollout_positions_stay_in_training_range(dit: DiT, text: tuple) -> None:
+    x, t = _latents(frames=2)
+    cache = dit.new_cache(window_chunks=2, sink=True)
+    with torch.no_grad():
+        for _ in range(12):
+            dit(x, t, *text, mode="block_causal", cache=cache, update_cache=True)
+    assert cache.chunks_seen == 12
+    assert cache.num_frames + 2 <= 3 * 2
+
+
+def test_bidirectional_sees_the_future_block_causal_does_not(dit: DiT, text: tuple) -> None:
+    x, t = _latents(frames=6)
+    later = x.clone()
+    later[:, 5] += 1.0
+    with torch.no_grad():
+        bi, bi2 = dit(x, t, *text, mode="bidirectional"), dit(later, t, *text, mode="bidirectional")
+        bc, bc2 = dit(x, t, *text, mode="block_causal"), dit(later, t, *text, mode="block_causal")
+        earlier = x.clone()
+        earlier[:, 0] += 1.0
+        bc3 = dit(earlier, t, *text, mode="block_causal")
+    assert (bi[:, 0] - bi2[:, 0]).abs().max() > 1e-3
+    assert torch.allclose(bc[:, :4], bc2[:, :4], atol=ATOL)
+    assert (bc[:, 4:] - bc2[:, 4:]).abs().max() > 1e-3
+    assert (bc[:, 2:] - bc3[:, 2:]).abs().max() > 1e-3
+
+
+def test_per_frame_timesteps_modulate_their_own_frames(dit: DiT, text: tuple) -> None:
+    x, t = _latents(frames=6)
+    t2 = t.clone()
+    t2[:, 4:] = 0.0
+    with torch.no_grad():
+        a, b = dit(x, t, *text, mode="block_causal"), dit(x, t2, *text, mode="block_causal")
+    assert torch.allclose(a[:, :4], b[:, :4], atol=ATOL)
+    assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3
+
+
+def test_student_loads_teacher_state_dict(dit: DiT, text: tuple) -> None:
+    student = make_dit(seed=7, attention_mode="block_causal")
+    student.load_state_dict(dit.state_dict())
+    x, t = _latents()
+    with torch.no_grad():
+        assert torch.equal(student(x, t, *text), dit(x, t, *text, mode="block_causal"))
+        assert not torch.allclose(student(x, t, *text), dit(x, t, *text), atol=1e-3)
+
+
+def test_guided_velocity_is_the_cfg_combination(dit: DiT, text: tuple) -> None:
+    x, t = _latents()
+    emb, mask = text
+    with torch.no_grad():
+        cond = dit(x, t, emb, mask)
+        null, null_mask = dit.null_text(2, emb.shape[1])
+        uncond = dit(x, t, null, null_mask)
+        assert torch.allclose(dit.guided_velocity(x, t, emb, mask, 4.0), uncond + 4.0 * (cond - uncond), atol=1e-4)
+        assert torch.equal(dit.guided_velocity(x, t, emb, mask, 1.0), cond)
+
+
+def test_null_text_and_caption_dropout(dit: DiT, text: tuple) -> None:
+    emb, mask = text
+    null, null_mask = dit.null_text(2, 5)
+    assert null.shape == (2, 5, 16) and null_mask.tolist() == [[True, False, False, False, False]] * 2
+    assert torch.equal(null[0, 0], dit.null_text_embedding[0]) and not null[:, 1:].any()
+    dropped, dropped_mask = dit.drop_text(emb, mask, torch.tensor([True, False]))
+    assert torch.equal(dropped[0], null[0]) and torch.equal(dropped[1], emb[1])
+    assert torch.equal(dropped_mask[0], null_mask[0]) and torch.equal(dropped_mask[1], mask[1])
+
+
+def test_padded_text_tokens_are_ignored(dit: DiT) -> None:
+    emb, mask = make_text(batch=1, length=6)
+    mask[:, 3:] = False
+    other = emb.clone()
+    other[:, 3:] = torch.randn(1, 3, 16)
+    x, t = _latents(batch=1)
+    with torch.no_grad():
+        assert torch.allclose(dit(x, t, emb, mask), dit(x, t, other, mask), atol=ATOL)
+
+
+def test_batched_cache_equals_per_sample(dit: DiT, text: tuple) -> None:
+    x, t = _latents(frames=4)
+    emb, mask = text
+    with torch.no_grad():
+        cache = dit.new_cache()
+        dit(x[:, :2], t[:, :2], emb, mask, mode="block_causal", cache=cache, update_cache=True)
+        both = dit(x[:, 2:], t[:, 2:], emb, mask, mode="block_causal", cache=cache)
+        for b in range(2):
+            c = dit.new_cache()
+            one = slice(b, b + 1)
+            dit(x[one, :2], t[one, :2], emb[one], mask[one], mode="block_causal", cache=c, update_cache=True)
+            single = dit(x[one, 2:], t[one, 2:], emb[one], mask[one], mode="block_causal", cache=c)
+            assert torch.allclose(both[one], single, atol=ATOL)
+
+
+def test_gradient_checkpointing_keeps_gradients(text: tuple) -> None:
+    x, t = _latents()
+    grads = []
+    for ckpt in (False, True):
+        model = make_dit().train()
+        model.gradient_checkpointing = ckpt
+        model(x, t, *text, mode="block_causal").square().mean().backward()
+        grads.append(model.blocks[0].self_attn.q.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_adaln_zero_init_predicts_zero() -> None:
+    model = make_dit()
+    model.initialize(adaln_zero=True)
+    x, t = _latents()
+    with torch.no_grad():
+        assert not model(x, t, *make_text()).any()
