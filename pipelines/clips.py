@@ -1,0 +1,511 @@
+"""The `clips` stage: curate captioned videos (local or s3://) into fixed-length, text-embedded clips.
+
+Ray Data reads the manifest; a first job embeds every distinct caption once in an actor that loads
+the text encoder once; a second job curates groups of `videos_per_task` videos, one task per group:
+probe (PyAV, header only), reject what cannot make a clip, decode with decord straight from the bytes
+(only the frames the clips need, resized in the decoder), resample to the target fps, centre-crop,
+cut, drop blank or static clips, and write Parquet shards. A group's marker `_groups/NNNNN.json` is
+written after its shards, so an interrupted run skips finished groups. Every video that yields no
+clip lands in `rejected/rejected.parquet` with its reason; no single input can stop the stage.
+
+Clip shards (`clips-gGGGGG-PPP.parquet`, at most `rows_per_shard` rows each), one row per clip:
+
+    clip_id        string   "<video_index:06d>-<clip:04d>"
+    video_index    int64    row of the input manifest
+    uri            string   the source video
+    caption        string
+    meta           string   JSON of the manifest's other columns (e.g. the shapes world's attributes)
+    start_frame    int32    first frame, counted at the target fps
+    start_time     float64  seconds into the source video
+    fps            float32  target frame rate
+    num_frames     int32    T = clip_frames (1 + 4n)
+    height, width  int32    H = W = size
+    frames         binary   uint8 RGB, C order, shape [T, H, W, 3]
+    motion_score   float32  mean absolute frame difference in 0..1
+    text_emb       binary   float32 little-endian, C order, shape [L, D], zero where masked
+    text_mask      binary   uint8 (1 = token), shape [L]
+    text_len       int32    L
+    text_dim       int32    D
+    source_fps     float32
+    source_width   int32
+    source_height  int32
+    codec          string
+
+`read_clips(uri)` gives them as a Ray Dataset and `decode_clips(batch)` turns a batch into arrays.
+Rejected rows: `video_index int64, uri string, caption string, reason string, detail string`, reasons
+in `REJECT_REASONS`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import posixpath
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import av
+import decord
+import numpy as np
+import pyarrow as pa
+import ray
+
+from infra import storage
+from infra.config import ClipsConfig
+from pipelines.workflow import StageContext
+
+REJECT_REASONS = (
+    "missing",
+    "empty",
+    "unreadable",
+    "no_video_stream",
+    "truncated",
+    "decode_error",
+    "too_small",
+    "too_short",
+    "blank",
+    "static",
+    "error",
+)
+CLIP_DROP_REASONS = ("blank", "static")
+TRUNCATED_FRACTION = 0.75
+REJECTED_URI = ("rejected", "rejected.parquet")
+GROUPS_DIR = "_groups"
+
+CLIP_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("video_index", pa.int64()),
+        ("uri", pa.string()),
+        ("caption", pa.string()),
+        ("meta", pa.string()),
+        ("start_frame", pa.int32()),
+        ("start_time", pa.float64()),
+        ("fps", pa.float32()),
+        ("num_frames", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("frames", pa.binary()),
+        ("motion_score", pa.float32()),
+        ("text_emb", pa.binary()),
+        ("text_mask", pa.binary()),
+        ("text_len", pa.int32()),
+        ("text_dim", pa.int32()),
+        ("source_fps", pa.float32()),
+        ("source_width", pa.int32()),
+        ("source_height", pa.int32()),
+        ("codec", pa.string()),
+    ]
+)
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("video_index", pa.int64()),
+        ("uri", pa.string()),
+        ("caption", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+class Rejected(Exception):
+    """A video that yields no clip, with one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a video must satisfy and what a clip looks like; the part of ClipsConfig the tasks need."""
+
+    fps: int
+    size: int
+    clip_frames: int
+    stride_frames: int
+    min_seconds: float
+    min_side: int
+    static_threshold: float
+    blank_threshold: float
+    rows_per_shard: int
+
+    @classmethod
+    def from_config(cls, cfg: ClipsConfig) -> Rules:
+        return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Container facts read from the header: codec, size, frame rate, declared duration (s)."""
+
+    codec: str
+    width: int
+    height: int
+    fps: float
+    duration: float
+
+
+def probe(data: bytes) -> Probe:
+    """Header-only look at a video file's bytes; raises Rejected when it is not a video."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise Rejected("no_video_stream", f"streams: {[s.type for s in container.streams]}")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else 0.0
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:
+                duration = stream.frames / fps if stream.frames and fps else 0.0
+            return Probe(stream.codec_context.name, stream.width, stream.height, fps, duration)
+    except Rejected:
+        raise
+    except Exception as err:  # PyAV raises many error kinds for garbage input
+        raise Rejected("unreadable", f"{type(err).__name__}: {err}") from None
+
+
+def resampled_indices(num_source: int, source_fps: float, target_fps: float) -> np.ndarray:
+    """Source frame shown at each target-rate instant k / target_fps.  -> [N] int64."""
+    count = int(math.floor(num_source / source_fps * target_fps + 1e-6))
+    return np.minimum(np.floor(np.arange(count) * source_fps / target_fps + 1e-6).astype(np.int64), num_source - 1)
+
+
+def clip_starts(num_frames: int, clip_frames: int, stride_frames: int) -> list[int]:
+    return list(range(0, num_frames - clip_frames + 1, stride_frames))
+
+
+def decode_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """Decoder output (w, h) whose shorter side is `size`, aspect kept, so a centre crop gives size x size."""
+    scale = size / min(width, height)
+    return max(size, int(round(width * scale))), max(size, int(round(height * scale)))
+
+
+def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
+    """frames: [T, h, w, 3] with h, w >= size -> [T, size, size, 3]."""
+    top, left = (frames.shape[1] - size) // 2, (frames.shape[2] - size) // 2
+    return frames[:, top : top + size, left : left + size]
+
+
+def blank_frames(frames: np.ndarray, threshold: float) -> np.ndarray:
+    """[T] bool: frames whose pixel standard deviation (0..1) is below `threshold` (black, white, any flat colour)."""
+    return frames.reshape(len(frames), -1).std(axis=1) / 255.0 < threshold
+
+
+def motion_score(frames: np.ndarray) -> float:
+    """Mean absolute difference (0..1) between consecutive frames.  frames: [T, H, W, 3] uint8."""
+    if len(frames) < 2:
+        return 0.0
+    return float(np.abs(np.diff(frames.astype(np.int16), axis=0)).mean() / 255.0)
+
+
+def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, Any]], Counter[str]]:
+    """Cut one video's bytes into clips that pass the rules.
+
+    Returns the probe, the number of decodable source frames, the kept clips (`start_frame`,
+    `start_time`, `frames` [T, S, S, 3] uint8, `motion_score`) and the count of clips dropped per reason.
+    Raises Rejected when the video cannot be read or yields no clip.
+    """
+    if not data:
+        raise Rejected("empty", "zero bytes")
+    info = probe(data)
+    if min(info.width, info.height) < rules.min_side:
+        raise Rejected("too_small", f"{info.width}x{info.height} < {rules.min_side}")
+    width, height = decode_size(info.width, info.height, rules.size)
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=width, height=height)
+        num_source, source_fps = len(reader), float(reader.get_avg_fps())
+    except Exception as err:
+        raise Rejected("decode_error", f"{type(err).__name__}: {err}") from None
+    if num_source == 0 or source_fps <= 0:
+        raise Rejected("decode_error", "no decodable frames")
+    seconds = num_source / source_fps
+    if info.duration > 0 and seconds < TRUNCATED_FRACTION * info.duration:
+        raise Rejected("truncated", f"{seconds:.2f} s decodable of {info.duration:.2f} s declared")
+    indices = resampled_indices(num_source, source_fps, rules.fps)
+    starts = clip_starts(len(indices), rules.clip_frames, rules.stride_frames)
+    if seconds < rules.min_seconds or not starts:
+        raise Rejected("too_short", f"{seconds:.2f} s, {len(indices)} frames at {rules.fps} fps")
+    clips, dropped = [], Counter()
+    for start in starts:
+        wanted = indices[start : start + rules.clip_frames]
+        try:
+            frames = center_crop(reader.get_batch(wanted.tolist()).asnumpy(), rules.size)
+        except Exception as err:
+            raise Rejected("decode_error", f"frame {int(wanted[0])}: {type(err).__name__}: {err}") from None
+        if blank_frames(frames, rules.blank_threshold).any():
+            dropped["blank"] += 1
+            continue
+        score = motion_score(frames)
+        if score < rules.static_threshold:
+            dropped["static"] += 1
+            continue
+        clips.append(
+            {
+                "start_frame": start,
+                "start_time": float(wanted[0] / source_fps),
+                "frames": np.ascontiguousarray(frames),
+                "motion_score": score,
+            }
+        )
+    if not clips:
+        reason = dropped.most_common(1)[0][0]
+        raise Rejected(reason, f"all {len(starts)} clips {reason}")
+    return info, num_source, clips, dropped
+
+
+class ShardWriter:
+    """Buffers clip rows and writes a Parquet shard through storage every `rows_per_shard` rows."""
+
+    def __init__(self, output_uri: str, group: int, rows_per_shard: int) -> None:
+        self.output_uri, self.group, self.rows_per_shard = output_uri, group, rows_per_shard
+        self.rows: list[dict[str, Any]] = []
+        self.shards: list[str] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = f"clips-g{self.group:05d}-{len(self.shards):03d}.parquet"
+        storage.write_parquet(storage.join(self.output_uri, name), pa.Table.from_pylist(self.rows, schema=CLIP_SCHEMA))
+        self.shards.append(name)
+        self.rows = []
+
+
+def group_marker(output_uri: str, group: int) -> str:
+    return storage.join(output_uri, GROUPS_DIR, f"{group:05d}.json")
+
+
+def curate_group(
+    batch: dict[str, np.ndarray], *, output_uri: str, rules: dict[str, Any], text: list[Any]
+) -> dict[str, np.ndarray]:
+    """One Ray task: curate the videos of each group row, write its shards, then its marker.
+
+    `text` is `[ref]` to the object-store tuple (captions, emb [N, L, D] float32, mask [N, L] bool).
+    """
+    rule = Rules(**rules)
+    captions, text_emb, text_mask = ray.get(text[0])
+    row_of_caption = {caption: i for i, caption in enumerate(captions)}
+    markers = []
+    for group, videos_json in zip(batch["group"].tolist(), batch["videos"].tolist()):
+        writer = ShardWriter(output_uri, group, rule.rows_per_shard)
+        counts: Counter[str] = Counter()
+        rejected = []
+        for video in json.loads(videos_json):
+            counts["videos_in"] += 1
+            try:
+                data = _read_video(video["uri"])
+                info, num_source, clips, dropped = curate_video(data, rule)
+            except Rejected as rej:
+                counts[f"rejected_{rej.reason}"] += 1
+                rejected.append({**_video_fields(video), "reason": rej.reason, "detail": rej.detail[:500]})
+                continue
+            except Exception as err:  # a bug or an unforeseen input must not stop the other videos
+                counts["rejected_error"] += 1
+                rejected.append({**_video_fields(video), "reason": "error", "detail": f"{type(err).__name__}: {err}"[:500]})
+                continue
+            counts["accepted"] += 1
+            counts["source_frames"] += num_source
+            for reason, number in dropped.items():
+                counts[f"clips_dropped_{reason}"] += number
+            k = row_of_caption[video["caption"]]
+            emb, mask = text_emb[k], text_mask[k]
+            for number, clip in enumerate(clips):
+                frames = clip["frames"]
+                writer.add(
+                    {
+                        "clip_id": f"{video['index']:06d}-{number:04d}",
+                        **{key: video[key] for key in ("video_index", "uri", "caption", "meta")},
+                        "start_frame": clip["start_frame"],
+                        "start_time": clip["start_time"],
+                        "fps": float(rule.fps),
+                        "num_frames": frames.shape[0],
+                        "height": frames.shape[1],
+                        "width": frames.shape[2],
+                        "frames": frames.tobytes(),
+                        "motion_score": clip["motion_score"],
+                        "text_emb": np.ascontiguousarray(emb, dtype="<f4").tobytes(),
+                        "text_mask": np.asarray(mask, dtype=np.uint8).tobytes(),
+                        "text_len": emb.shape[0],
+                        "text_dim": emb.shape[1],
+                        "source_fps": info.fps,
+                        "source_width": info.width,
+                        "source_height": info.height,
+                        "codec": info.codec,
+                    }
+                )
+                counts["clips_out"] += 1
+        writer.flush()
+        marker = {"group": group, "shards": writer.shards, "counts": dict(counts), "rejected": rejected}
+        storage.write_json(group_marker(output_uri, group), marker)
+        markers.append(json.dumps(marker))
+    return {"marker": np.asarray(markers, dtype=object)}
+
+
+def _read_video(uri: str) -> bytes:
+    if not uri or not storage.exists(uri):
+        raise Rejected("missing", f"no object at {uri!r}")
+    try:
+        return storage.read_bytes(uri)
+    except OSError as err:
+        raise Rejected("missing", f"{type(err).__name__}: {err}") from None
+
+
+def _video_fields(video: Mapping[str, Any]) -> dict[str, Any]:
+    return {"video_index": video["video_index"], "uri": video["uri"], "caption": video["caption"]}
+
+
+class CaptionEncoder:
+    """Ray Data actor: loads the text encoder once and embeds batches of captions."""
+
+    def __init__(self, kind: str, max_length: int) -> None:
+        from model.text import build_text_encoder
+
+        self.encoder = build_text_encoder(kind, max_length=max_length)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        emb, mask = self.encoder.encode([str(c) for c in batch["caption"]])
+        return {"caption": batch["caption"], "text_emb": emb.numpy().astype(np.float32), "text_mask": mask.numpy()}
+
+
+def embed_captions(captions: Sequence[str], kind: str, max_length: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Embed each distinct caption once.  -> (captions, emb [N, L, D] float32, mask [N, L] bool)."""
+    distinct = sorted(set(captions))
+    dataset = ray.data.from_items([{"caption": c} for c in distinct]).map_batches(
+        CaptionEncoder,
+        fn_constructor_kwargs={"kind": kind, "max_length": max_length},
+        batch_size=64,
+        batch_format="numpy",
+        concurrency=1,
+    )
+    table = pa.concat_tables(ray.get(dataset.to_arrow_refs())) if distinct else None
+    if table is None or table.num_rows == 0:
+        return [], np.zeros((0, max_length, 1), np.float32), np.zeros((0, max_length), bool)
+    batch = table.to_pandas()
+    emb = np.stack([np.asarray(x, dtype=np.float32) for x in batch["text_emb"]])
+    mask = np.stack([np.asarray(x, dtype=bool) for x in batch["text_mask"]])
+    return [str(c) for c in batch["caption"]], emb, mask
+
+
+def read_manifest(uri: str) -> list[dict[str, Any]]:
+    """Rows of a CSV, JSONL or Parquet manifest with at least `uri, caption`, read by Ray Data.
+
+    Relative local paths are taken relative to the manifest's folder; other columns go to `meta` (JSON).
+    Each row gets `video_index` (its row number) and `index` (the same, for clip ids).
+    """
+    fs, path = storage.resolve(uri)
+    lower = uri.lower()
+    if lower.endswith(".parquet"):
+        dataset = ray.data.read_parquet(path, filesystem=fs)
+    elif lower.endswith(".csv"):
+        dataset = ray.data.read_csv(path, filesystem=fs, file_extensions=None)
+    elif lower.endswith((".jsonl", ".json", ".ndjson")):
+        dataset = ray.data.read_json(path, filesystem=fs, file_extensions=None)
+    else:
+        raise ValueError(f"manifest {uri}: expected a .csv, .jsonl or .parquet file")
+    table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    missing = {"uri", "caption"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"manifest {uri} lacks column(s) {sorted(missing)}; it needs `uri` and `caption`")
+    base = posixpath.dirname(uri) if storage.is_s3(uri) else os.path.dirname(storage.normalize(uri))
+    rows = []
+    for number, row in enumerate(table.to_pylist()):
+        video_uri = str(row.pop("uri") or "")
+        if video_uri and not storage.is_s3(video_uri) and not video_uri.startswith("/"):
+            video_uri = storage.join(base, video_uri)
+        caption = row.pop("caption")
+        caption = "" if caption is None else str(caption)
+        meta = json.dumps(row, sort_keys=True, default=str)
+        rows.append({"index": number, "video_index": number, "uri": video_uri, "caption": caption, "meta": meta})
+    return rows
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg: ClipsConfig = ctx.config.clips
+    if cfg.clip_frames % 4 != 1:
+        raise ValueError(f"clips.clip_frames must be 1 + 4n (got {cfg.clip_frames}), so the VAE maps it to 1 + n latents")
+    if cfg.manifest:
+        manifest = cfg.manifest
+    else:
+        from pipelines.synthetic import manifest_uri
+
+        manifest = manifest_uri(ctx.inputs["synthetic"])
+    videos = read_manifest(manifest)
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for video in videos:
+        groups.setdefault(video["index"] // cfg.videos_per_task, []).append(video)
+    pending = {g: vs for g, vs in groups.items() if not ctx.done(GROUPS_DIR, f"{g:05d}.json")}
+    if pending:
+        captions = [v["caption"] for vs in pending.values() for v in vs]
+        text = ray.put(embed_captions(captions, cfg.text_encoder, cfg.text_max_length))
+        tasks = ray.data.from_items(
+            [{"group": g, "videos": json.dumps(vs)} for g, vs in sorted(pending.items())],
+            override_num_blocks=len(pending),
+        ).map_batches(
+            curate_group,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"output_uri": ctx.output_uri, "rules": asdict(Rules.from_config(cfg)), "text": [text]},
+        )
+        tasks.materialize()
+    markers = [storage.read_json(group_marker(ctx.output_uri, g)) for g in sorted(groups)]
+    rejected = [row for marker in markers for row in marker["rejected"]]
+    storage.write_parquet(ctx.output(*REJECTED_URI), pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA))
+    totals: Counter[str] = Counter()
+    for marker in markers:
+        totals.update(marker["counts"])
+    counts = {
+        "videos_in": len(videos),
+        "accepted": totals["accepted"],
+        "rejected": len(rejected),
+        **{f"rejected_{reason}": totals[f"rejected_{reason}"] for reason in REJECT_REASONS},
+        "clips_out": totals["clips_out"],
+        **{f"clips_dropped_{reason}": totals[f"clips_dropped_{reason}"] for reason in CLIP_DROP_REASONS},
+        "shards": sum(len(m["shards"]) for m in markers),
+        "source_frames": totals["source_frames"],
+        "groups_run": len(pending),
+        "groups_skipped": len(groups) - len(pending),
+    }
+    summary = {"manifest": manifest, "rejected": ctx.output(*REJECTED_URI), "clip_frames": cfg.clip_frames}
+    return {"counts": counts, "summary": summary}
+
+
+def read_clips(uri: str) -> ray.data.Dataset:
+    """The clip shards of a complete clips output as a Ray Dataset (columns as in the module docstring)."""
+    files = storage.parquet_files(uri)
+    if not files:
+        raise FileNotFoundError(f"{uri} holds no clip shards")
+    fs, _ = storage.resolve(uri)
+    return ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs)
+
+
+def decode_clips(batch: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """Arrays of a batch of clip rows (a Ray numpy batch or `table.to_pydict()`).
+
+    -> frames [B, T, H, W, 3] uint8, text_emb [B, L, D] float32, text_mask [B, L] bool, caption list[str].
+    """
+    frames = np.stack(
+        [
+            np.frombuffer(f, dtype=np.uint8).reshape(int(t), int(h), int(w), 3)
+            for f, t, h, w in zip(batch["frames"], batch["num_frames"], batch["height"], batch["width"])
+        ]
+    )
+    text_emb = np.stack(
+        [
+            np.frombuffer(e, dtype="<f4").reshape(int(n), int(d))
+            for e, n, d in zip(batch["text_emb"], batch["text_len"], batch["text_dim"])
+        ]
+    )
+    text_mask = np.stack([np.frombuffer(m, dtype=np.uint8).astype(bool) for m in batch["text_mask"]])
+    return {"frames": frames, "text_emb": text_emb, "text_mask": text_mask, "caption": [str(c) for c in batch["caption"]]}

@@ -1,0 +1,147 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from infra import storage
+from infra.config import load_config
+from pipelines import clips
+from pipelines.workflow import StageContext
+
+CLIP_FRAMES = 17
+
+
+def clips_context(root: Path, manifest: str, **overrides: object) -> StageContext:
+    settings = {
+        "clips.manifest": manifest,
+        "clips.clip_frames": CLIP_FRAMES,
+        "clips.stride_frames": 16,
+        "clips.videos_per_task": 6,
+        "clips.rows_per_shard": 3,
+        **overrides,
+    }
+    config = load_config(None, [f"storage.root={root}", *(f"{k}={v}" for k, v in settings.items())])
+    return StageContext("clips", config, {}, str(root / "clips" / "test"), "test")
+
+
+@pytest.fixture(scope="module")
+def curated(ray_local, footage: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[StageContext, dict]:
+    ctx = clips_context(tmp_path_factory.mktemp("clips"), str(footage / "manifest.csv"))
+    result = clips.run(ctx)
+    storage.write_manifest(ctx.output_uri, {"counts": result["counts"]})
+    return ctx, result
+
+
+def test_every_bad_input_and_filter_is_rejected_with_its_reason(curated, expected_reasons, accepted_names) -> None:
+    ctx, result = curated
+    rejected = storage.read_parquet(ctx.output(*clips.REJECTED_URI)).to_pylist()
+    reasons = {Path(row["uri"]).name: row["reason"] for row in rejected}
+    assert reasons == expected_reasons
+    counts = result["counts"]
+    assert counts["videos_in"] == len(accepted_names) + len(expected_reasons) + 2
+    assert counts["accepted"] == len(accepted_names) + 2
+    assert counts["rejected"] == len(expected_reasons)
+    for reason in set(expected_reasons.values()):
+        assert counts[f"rejected_{reason}"] == list(expected_reasons.values()).count(reason)
+
+
+def test_clips_read_back_with_shapes_captions_and_embeddings(curated, accepted_names) -> None:
+    ctx, result = curated
+    rows = clips.read_clips(ctx.output_uri).take_all()
+    assert len(rows) == result["counts"]["clips_out"] == 2 * (len(accepted_names) + 2)
+    batch = clips.decode_clips({key: [row[key] for row in rows] for key in rows[0]})
+    assert batch["frames"].shape == (len(rows), CLIP_FRAMES, 64, 64, 3) and batch["frames"].dtype == np.uint8
+    assert batch["text_emb"].shape == (len(rows), 32, 384) and batch["text_emb"].dtype == np.float32
+    assert batch["text_mask"].shape == (len(rows), 32)
+    assert not np.abs(batch["text_emb"][~batch["text_mask"]]).any(), "padded tokens are zero"
+    by_caption: dict[str, np.ndarray] = {}
+    for caption, emb in zip(batch["caption"], batch["text_emb"]):
+        np.testing.assert_array_equal(by_caption.setdefault(caption, emb), emb)
+    assert len(by_caption) == len(accepted_names) + 2
+    first, second = list(by_caption.values())[:2]
+    assert np.abs(first - second).max() > 0.1
+    codecs = {Path(row["uri"]).name: row["codec"] for row in rows}
+    assert codecs["mandelbrot.webm"] == "vp9" and codecs["life.avi"] == "mpeg4" and codecs["cellauto.mkv"] == "h264"
+    starts = sorted(row["start_frame"] for row in rows if row["uri"].endswith("testsrc2.mp4"))
+    assert starts == [0, 16]
+    shards = storage.parquet_files(ctx.output_uri)
+    assert all(pq.read_metadata(shard).num_rows <= 3 for shard in shards)
+    assert len(shards) == result["counts"]["shards"]
+
+
+def test_resampling_keeps_source_timing(curated) -> None:
+    ctx, _ = curated
+    rows = [r for r in clips.read_clips(ctx.output_uri).take_all() if r["uri"].endswith("cellauto.mkv")]
+    second = next(r for r in rows if r["start_frame"] == 16)
+    assert second["source_fps"] == 30 and second["fps"] == 12
+    assert second["start_time"] == pytest.approx(16 / 12, abs=1 / 30)
+
+
+def test_shapes_world_clips_keep_their_attributes(curated) -> None:
+    from evaluation.oracle import describe
+
+    ctx, _ = curated
+    rows = [r for r in clips.read_clips(ctx.output_uri).take_all() if "shapes" in r["uri"]]
+    assert len(rows) == 4
+    for row in rows:
+        frames = clips.decode_clips({k: [row[k]] for k in row})["frames"][0]
+        meta = json.loads(row["meta"])
+        found = describe(frames)
+        assert {k: found[k] for k in ("shape", "color", "background", "motion")} == {
+            k: meta[k] for k in ("shape", "color", "background", "motion")
+        }
+
+
+def test_finished_groups_are_skipped_on_resume(curated, tmp_path: Path) -> None:
+    ctx, first = curated
+    root = tmp_path / "copy"
+    shutil.copytree(Path(ctx.output_uri).parent.parent, root)
+    resumed = clips_context(root, ctx.config.clips.manifest)
+    marker = storage.read_json(clips.group_marker(resumed.output_uri, 1))
+    for name in marker["shards"]:
+        Path(resumed.output(name)).unlink()
+    Path(clips.group_marker(resumed.output_uri, 1)).unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in Path(resumed.output_uri).glob("*.parquet")}
+    result = clips.run(resumed)
+    assert result["counts"]["groups_run"] == 1 and result["counts"]["groups_skipped"] == 2
+    assert {k: v for k, v in result["counts"].items() if not k.startswith("groups")} == {
+        k: v for k, v in first["counts"].items() if not k.startswith("groups")
+    }
+    after = {p.name: p.stat().st_mtime_ns for p in Path(resumed.output_uri).glob("*.parquet")}
+    assert {k: after[k] for k in before} == before, "shards of finished groups are not rewritten"
+    for name in marker["shards"]:
+        assert pq.read_table(resumed.output(name)).equals(pq.read_table(ctx.output(name)))
+
+
+def test_manifest_formats(ray_local, footage: Path, tmp_path: Path) -> None:
+    rows = [{"uri": str(footage / "testsrc2.mp4"), "caption": "a", "extra": 1}, {"uri": "life.avi", "caption": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for name in ("m.parquet", "m.jsonl"):
+        read = clips.read_manifest(str(tmp_path / name))
+        assert [r["uri"] for r in read] == [str(footage / "testsrc2.mp4"), str(tmp_path / "life.avi")]
+        assert [r["caption"] for r in read] == ["a", ""]
+        assert json.loads(read[0]["meta"]) == {"extra": 1}
+    with pytest.raises(ValueError, match="uri"):
+        (tmp_path / "bad.csv").write_text("path,caption\nx.mp4,a\n")
+        clips.read_manifest(str(tmp_path / "bad.csv"))
+
+
+def test_clip_geometry() -> None:
+    np.testing.assert_array_equal(clips.resampled_indices(10, 25.0, 12.0), [0, 2, 4, 6])
+    np.testing.assert_array_equal(clips.resampled_indices(6, 10.0, 20.0), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    assert clips.clip_starts(48, 17, 16) == [0, 16]
+    assert clips.clip_starts(16, 17, 16) == []
+    assert clips.decode_size(160, 120, 64) == (85, 64)
+    assert clips.decode_size(90, 200, 64) == (64, 142)
+    frames = np.arange(2 * 5 * 7 * 3, dtype=np.uint8).reshape(2, 5, 7, 3)
+    np.testing.assert_array_equal(clips.center_crop(frames, 3), frames[:, 1:4, 2:5])
+
+
+def test_odd_clip_length_is_refused(footage: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="1 \\+ 4n"):
+        clips.run(clips_context(tmp_path, str(footage / "manifest.csv"), **{"clips.clip_frames": 16}))
