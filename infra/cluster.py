@@ -31,21 +31,24 @@ def forwarded_env() -> dict[str, str]:
 
 
 def ensure_ray(config: PipelineConfig) -> None:
-    """Connect to `ray.address`/$RAY_ADDRESS (or the job's cluster), else start a local Ray once."""
+    """Connect to `ray.address`/$RAY_ADDRESS (or the job's cluster), else start a local Ray once.
+
+    A job submitted with `causvid submit` already carries the forwarded environment in its runtime
+    env; a local Ray gets it here, so its workers see the same storage and tracking settings.
+    """
     if ray.is_initialized():
         return
     for key, value in QUIET_RAY_ENV.items():
         os.environ.setdefault(key, value)
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": forwarded_env()}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         return
     ray.init(
         num_cpus=config.ray.num_cpus,
         include_dashboard=config.ray.dashboard,
         dashboard_host="127.0.0.1",
-        runtime_env=runtime_env,
+        runtime_env={"env_vars": forwarded_env()},
         configure_logging=True,
         logging_level="WARNING",
     )
