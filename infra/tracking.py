@@ -52,7 +52,7 @@ def artifact_location(config: PipelineConfig) -> str | None:
 def configure(config: PipelineConfig) -> str:
     """Point MLflow at the store and experiment of this config; returns the experiment id."""
     uri = tracking_uri(config)
-    mlflow.set_tracking_uri(uri)
+    _set_tracking_uri_keeping_env(uri)
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
         experiment_id = experiment.experiment_id
@@ -60,6 +60,16 @@ def configure(config: PipelineConfig) -> str:
         experiment_id = mlflow.create_experiment(config.tracking.experiment, artifact_location=artifact_location(config))
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def _set_tracking_uri_keeping_env(uri: str) -> None:
+    """mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI, which would then outrank the next config."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -130,5 +140,5 @@ def log_stage_result(manifest: Mapping[str, Any]) -> None:
 
 def log_to_run(tracking: str, run_id: str) -> MlflowClient:
     """A client for logging into an existing run from another process (a Ray worker)."""
-    mlflow.set_tracking_uri(tracking)
+    _set_tracking_uri_keeping_env(tracking)
     return MlflowClient(tracking_uri=tracking)

@@ -17,6 +17,14 @@ os.environ.pop("RAY_ADDRESS", None)
 from infra.config import PipelineConfig, load_config  # noqa: E402
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """One local Ray for the whole session (2 CPUs, no dashboard), as the embedded default starts it."""
@@ -39,14 +47,6 @@ def make_config(tmp_path: Path):
     return make
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for_http(url: str, process, timeout: float = 60.0) -> None:
     """Poll until a freshly started server answers, failing early if its process died."""
     import time
@@ -67,14 +67,24 @@ def wait_for_http(url: str, process, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
+S3_PORT = free_port()
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+# Set before any Ray worker starts, so that stage tasks see the local S3 server as the driver does.
+os.environ.update(
+    AWS_ENDPOINT_URL=S3_ENDPOINT,
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_REGION="us-east-1",
+)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real S3-compatible server (moto) on 127.0.0.1; yields its endpoint URL."""
     import subprocess
     import sys
 
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    port, endpoint = S3_PORT, S3_ENDPOINT
     binary = Path(sys.executable).with_name("moto_server")
     process = subprocess.Popen(
         [str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -88,16 +98,12 @@ def s3_server() -> Iterator[str]:
 
 
 @pytest.fixture
-def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket on the local S3 server, with the standard AWS variables pointing at it."""
+def s3_bucket(s3_server: str) -> str:
+    """A fresh bucket on the local S3 server, which the standard AWS variables point at."""
     import uuid
 
     import boto3
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
     bucket = f"causvid-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return bucket

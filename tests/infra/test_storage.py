@@ -56,3 +56,37 @@ def test_normalize_makes_local_paths_absolute(tmp_path: Path, monkeypatch: pytes
     assert storage.normalize("data") == str(tmp_path / "data")
     assert storage.normalize("file://" + str(tmp_path / "d")) == str(tmp_path / "d")
     assert storage.normalize("s3://bucket/prefix/") == "s3://bucket/prefix"
+
+
+def test_a_stage_runs_with_its_root_on_s3(ray_local: None, s3_bucket: str, s3_server: str, tmp_path: Path) -> None:
+    from infra.config import load_config
+    from pipelines.workflow import plan, run_stages
+
+    root = f"s3://{s3_bucket}/causvid"
+    config = load_config(
+        None,
+        [
+            f"storage.root={root}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "synthetic.num_videos=3",
+            "synthetic.seconds=1",
+        ],
+    )
+    uri = run_stages(config, ["synthetic"])["synthetic"]
+    assert uri == plan(config).output_uri("synthetic") and uri.startswith(root + "/synthetic/")
+    assert storage.read_manifest(uri)["counts"]["videos"] == 3
+    keys = {
+        k["Key"] for k in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=s3_bucket)["Contents"]
+    }
+    prefix = uri[len(f"s3://{s3_bucket}/") :]
+    assert {f"{prefix}/_SUCCESS.json", f"{prefix}/manifest.parquet"} <= keys
+    assert len([k for k in keys if k.startswith(f"{prefix}/videos/") and k.endswith(".mp4")]) == 3
+    assert run_stages(config, ["synthetic"])["synthetic"] == uri
+
+
+def test_s3_root_without_a_tracking_server_is_a_clear_error() -> None:
+    from infra.config import ConfigError, load_config
+    from infra.tracking import tracking_uri
+
+    with pytest.raises(ConfigError, match="storage.root is on S3 but no MLflow server is set"):
+        tracking_uri(load_config(None, ["storage.root=s3://bucket/x"]))
