@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from evaluation.oracle import describe
 from infra import storage
 from infra.config import load_config
 from pipelines import clips
@@ -36,6 +37,13 @@ def curated(ray_local, footage: Path, tmp_path_factory: pytest.TempPathFactory) 
     return ctx, result
 
 
+@pytest.fixture(scope="module")
+def clip_rows(curated) -> list[dict]:
+    """Every clip row, read back once through Ray Data."""
+    ctx, _ = curated
+    return clips.read_clips(ctx.output_uri).take_all()
+
+
 def test_every_bad_input_and_filter_is_rejected_with_its_reason(curated, expected_reasons, accepted_names) -> None:
     ctx, result = curated
     rejected = storage.read_parquet(ctx.output(*clips.REJECTED_URI)).to_pylist()
@@ -49,9 +57,9 @@ def test_every_bad_input_and_filter_is_rejected_with_its_reason(curated, expecte
         assert counts[f"rejected_{reason}"] == list(expected_reasons.values()).count(reason)
 
 
-def test_clips_read_back_with_shapes_captions_and_embeddings(curated, accepted_names) -> None:
+def test_clips_read_back_with_shapes_captions_and_embeddings(curated, clip_rows, accepted_names) -> None:
     ctx, result = curated
-    rows = clips.read_clips(ctx.output_uri).take_all()
+    rows = clip_rows
     assert len(rows) == result["counts"]["clips_out"] == 2 * (len(accepted_names) + 2)
     batch = clips.decode_clips({key: [row[key] for row in rows] for key in rows[0]})
     assert batch["frames"].shape == (len(rows), CLIP_FRAMES, 64, 64, 3) and batch["frames"].dtype == np.uint8
@@ -73,19 +81,15 @@ def test_clips_read_back_with_shapes_captions_and_embeddings(curated, accepted_n
     assert len(shards) == result["counts"]["shards"]
 
 
-def test_resampling_keeps_source_timing(curated) -> None:
-    ctx, _ = curated
-    rows = [r for r in clips.read_clips(ctx.output_uri).take_all() if r["uri"].endswith("cellauto.mkv")]
+def test_resampling_keeps_source_timing(clip_rows) -> None:
+    rows = [r for r in clip_rows if r["uri"].endswith("cellauto.mkv")]
     second = next(r for r in rows if r["start_frame"] == 16)
     assert second["source_fps"] == 30 and second["fps"] == 12
     assert second["start_time"] == pytest.approx(16 / 12, abs=1 / 30)
 
 
-def test_shapes_world_clips_keep_their_attributes(curated) -> None:
-    from evaluation.oracle import describe
-
-    ctx, _ = curated
-    rows = [r for r in clips.read_clips(ctx.output_uri).take_all() if "shapes" in r["uri"]]
+def test_shapes_world_clips_keep_their_attributes(clip_rows) -> None:
+    rows = [r for r in clip_rows if "shapes" in r["uri"]]
     assert len(rows) == 4
     for row in rows:
         frames = clips.decode_clips({k: [row[k]] for k in row})["frames"][0]

@@ -1,0 +1,104 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from evaluation.oracle import classify_motion, count_components, describe, detect_frames, score_video
+from pipelines.shapes_world import ShapeClip, decode_video, encode_mp4, render, sample_clip
+
+ATTRIBUTES = ("background", "color", "shape", "motion")
+
+
+def round_trip(clip: ShapeClip, seconds: float = 3.0) -> np.ndarray:
+    return decode_video(encode_mp4(render(clip, 64, 12, seconds), 12))
+
+
+def test_attribute_accuracy_on_mp4_round_trips() -> None:
+    clips = [sample_clip(2024, i) for i in range(40)]
+    correct: Counter[str] = Counter()
+    for clip in clips:
+        found = describe(round_trip(clip))
+        correct.update(a for a in ATTRIBUTES if found[a] == getattr(clip, a))
+        assert found["present"] == 1.0 and found["persistence"] == 1.0
+    accuracy = {a: correct[a] / len(clips) for a in ATTRIBUTES}
+    assert min(accuracy.values()) >= 0.98, accuracy
+
+
+def test_score_per_second() -> None:
+    clip = ShapeClip("diamond", "orange", "gray", "circling counter-clockwise", 1.7, 0.4)
+    frames = round_trip(clip, 5.0)
+    rows = score_video(frames, 12, clip.attributes())
+    assert [r["second"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r["color_ok"] and r["shape_ok"] and r["motion_ok"] and r["background_ok"] for r in rows)
+    assert all(r["present"] == 1.0 and r["persistence"] == 1.0 and r["crispness"] > 0.4 for r in rows)
+    wrong = score_video(frames, 12, {**clip.attributes(), "color": "blue", "motion": "circling clockwise"})
+    assert not any(r["color_ok"] or r["motion_ok"] for r in wrong)
+
+
+def box_blur(frames: np.ndarray, radius: int) -> np.ndarray:
+    out = frames.astype(np.float32)
+    for axis in (1, 2):
+        out = sum(np.roll(out, k, axis=axis) for k in range(-radius, radius + 1)) / (2 * radius + 1)
+    return out.round().astype(np.uint8)
+
+
+def test_crispness_drops_with_blur() -> None:
+    frames = round_trip(ShapeClip("square", "yellow", "dark blue", "bouncing up and down", 1.2, 0.0))
+    sharp = describe(frames)["crispness"]
+    blurred = describe(box_blur(frames, 1))["crispness"]
+    very = describe(box_blur(frames, 2))["crispness"]
+    assert sharp > 0.45 and very < blurred < 0.75 * sharp
+
+
+def test_persistence_absence_and_split() -> None:
+    clip = ShapeClip("circle", "green", "black", "bouncing left and right", 1.5, 0.0)
+    frames = render(clip, 64, 12, 1.0)
+    frames[3] = frames[3, 0, 0]  # object gone
+    frames[5, :, 30:34] = frames[5, 0, 0]  # a black bar cuts the object in two...
+    frames[5, 20:44, 10:54] = frames[5, 0, 0]
+    frames[5, 28:36, 14:22] = (30, 200, 50)  # ...and two pieces are left
+    frames[5, 28:36, 40:48] = (30, 200, 50)
+    det = detect_frames(frames)
+    assert not det.present[3] and det.components[3] == 0
+    assert det.components[5] == 2 and not det.persistent[5]
+    assert det.persistent[[0, 1, 2, 4, 6]].all()
+
+
+def flood_count(mask: np.ndarray, min_pixels: int = 3) -> int:
+    seen = np.zeros_like(mask)
+    count = 0
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        stack, size = [start], 0
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        count += size >= min_pixels
+    return count
+
+
+def test_connected_components_match_flood_fill() -> None:
+    masks = np.random.default_rng(0).random((12, 24, 31)) > 0.55
+    assert count_components(masks).tolist() == [flood_count(m) for m in masks]
+
+
+@pytest.mark.parametrize(
+    ("motion", "track"),
+    [
+        ("bouncing left and right", lambda t: (10 + 30 * np.abs(np.sin(t)), 32 + 0 * t)),
+        ("bouncing up and down", lambda t: (20 + 0 * t, 10 + 30 * np.abs(np.sin(t)))),
+        ("bouncing diagonally", lambda t: (10 + 20 * np.abs(np.sin(t)), 12 + 20 * np.abs(np.sin(t)))),
+        ("circling clockwise", lambda t: (32 + 10 * np.cos(t), 32 + 10 * np.sin(t))),
+        ("circling counter-clockwise", lambda t: (32 + 10 * np.cos(t), 32 - 10 * np.sin(t))),
+        ("static", lambda t: (32 + 0.1 * np.sin(t), 32 + 0 * t)),
+    ],
+)
+def test_motion_from_track(motion: str, track) -> None:
+    t = np.linspace(0, np.pi, 13)
+    assert classify_motion(np.stack(track(t), axis=-1)) == motion
