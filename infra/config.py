@@ -83,31 +83,52 @@ class ClipsConfig(Section):
 
 
 class TrainConfig(Section):
-    """What every Ray Train + DeepSpeed stage shares."""
+    """What every Ray Train + DeepSpeed stage shares; `batch_size` is per worker (DeepSpeed's micro batch)."""
 
     steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=4, ge=1)
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=10, ge=0, description="Linear learning-rate warmup from 0.")
     grad_clip: float = Field(default=1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=2, ge=-1, description="Worker failures to recover from (-1: always).")
     log_every: int = Field(default=10, ge=1)
+    sample_every: int = Field(default=0, ge=0, description="Log sample videos every N steps (0: at the end only).")
+    shuffle_buffer: int = Field(default=64, ge=0, description="Rows in each worker's local shuffle buffer (0: off).")
     seed: int = 0
 
 
 class VaeConfig(TrainConfig):
+    """The causal 3D VAE; trains on random `train_frames`-frame crops of the clips (1 + 4n frames)."""
+
     kl_weight: float = Field(default=1e-6, ge=0)
+    edge_weight: float = Field(default=0.5, ge=0, description="L1 on spatial gradients; keeps object edges crisp.")
+    train_frames: int = Field(default=9, ge=1)
+    eval_clips: int = Field(default=16, ge=1, description="Held-out clips for PSNR and oracle accuracy.")
+    latent_batch_size: int = Field(default=8, ge=1, description="Clips per batch in the `latents` encoding job.")
 
 
 class TeacherConfig(TrainConfig):
+    """Flow-matching DiT teacher; evaluated by the pixel oracle on CFG samples of held-out prompts."""
+
     text_dropout: float = Field(default=0.1, ge=0, le=1)
+    eval_prompts: int = Field(default=64, ge=0)
+    eval_steps: int | None = Field(default=None, ge=1, description="Euler steps of the evaluation samples (preset's).")
+    guidance_scale: float | None = Field(default=None, ge=0, description="CFG scale of the samples (preset's).")
+    eval_latent_frames: int | None = Field(default=None, ge=1, description="Sample length (preset's clip length).")
+    eval_batch_size: int = Field(default=16, ge=1)
 
 
-class CausalTeacherConfig(TrainConfig):
-    pass
+class CausalTeacherConfig(TeacherConfig):
+    """Block-causal fine-tune of the teacher, each chunk at its own noise level."""
+
+    text_dropout: float = Field(default=0.1, ge=0, le=1)
+    eval_prompts: int = Field(default=16, ge=0)
 
 
 class TrajectoriesConfig(Section):

@@ -1,0 +1,423 @@
+"""Ray Train + DeepSpeed harness shared by every training stage.
+
+A stage describes its work as a :class:`TrainTask`: which modules train (each becomes its own DeepSpeed engine,
+so a DMD step can drive a generator and a critic), which frozen models ride along, and one training step over
+a batch. :func:`fit` runs it under ``TorchTrainer`` with N workers and ZeRO stage 0-3, feeds batches from the
+stage's Ray Dataset (``ray.train.get_dataset_shard``), checkpoints every engine together with the step counter,
+RNG states and data position through ``ray.train.report`` into ``<output>/checkpoints`` (local or s3://),
+resumes from the latest checkpoint after a worker dies (``FailureConfig``) or when the stage is re-run, logs
+from rank 0 to the stage's MLflow run, and exports the final weights as a plain PyTorch file
+(:mod:`training.weights`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from infra import storage
+from infra.config import TrainConfig
+from training import weights
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_FILE = "model.pt"
+TRAIN_RUN_NAME = "train"
+log = logging.getLogger("causvid")
+
+
+@dataclass
+class EngineSpec:
+    """A module trained by its own DeepSpeed engine; ``forward`` usually returns the losses of one step."""
+
+    module: nn.Module
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class Models:
+    """What a task builds on each worker: trainable engines by name, and frozen models (never engines)."""
+
+    engines: dict[str, EngineSpec]
+    frozen: dict[str, nn.Module] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Export:
+    """Which engine's network becomes ``model.pt``: ``unwrap`` takes the engine's module to the plain network."""
+
+    engine: str
+    kind: str
+    unwrap: Callable[[nn.Module], nn.Module] = lambda module: module
+
+
+class TrainTask:
+    """A stage's training logic; constructed on the driver and shipped to every worker (keep it picklable)."""
+
+    export: Export
+
+    def build(self) -> Models:
+        raise NotImplementedError
+
+    def train_step(self, step: int, batch: dict[str, Tensor], engines: Mapping[str, Any], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+        """One optimisation step: call engines, ``engine.backward(loss)``, ``engine.step()``; return scalars to log."""
+        raise NotImplementedError
+
+    def plain(self, name: str) -> nn.Module:
+        """A fresh plain copy of engine ``name``'s network (weights are loaded into it), for samples and export."""
+        raise NotImplementedError
+
+    def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
+        """Videos to log as MP4 (name -> ``[T, H, W, 3]`` uint8) from plain copies of the engines; rank 0 only."""
+        return {}
+
+
+@dataclass
+class TrainJob:
+    """One training run of a stage: where it writes, its config section, its task and its data."""
+
+    name: str
+    output_uri: str
+    section: TrainConfig
+    task: TrainTask
+    dataset: Any
+    preset: str
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    fps: int = 12
+    extra: dict[str, Any] = field(default_factory=dict)
+    kill_at_step: int | None = None
+    kill_rank: int = 0
+
+
+@dataclass
+class FitResult:
+    model_uri: str
+    steps: int
+    metrics: dict[str, float]
+    checkpoint_uri: str | None
+    seconds: float
+
+
+def deepspeed_config(section: TrainConfig, spec: EngineSpec, world_size: int, use_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed config of one engine: ZeRO stage, AdamW (torch implementation), warmup, clipping, bf16 on GPU."""
+    warmup = min(section.warmup_steps, max(section.steps - 1, 0))
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": section.batch_size,
+        "train_batch_size": section.batch_size * world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": section.grad_clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": section.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": spec.lr, "weight_decay": spec.weight_decay, "betas": list(spec.betas), "torch_adam": True},
+        },
+        "bf16": {"enabled": use_gpu},
+    }
+    if warmup > 0:
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": spec.lr, "warmup_num_steps": warmup, "warmup_type": "linear"},
+        }
+    return config
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPU, else the worker process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def full_state_dict(engine: Any, zero_stage: int, is_rank0: bool) -> dict[str, Tensor] | None:
+    """The engine module's whole state dict on rank 0 (ZeRO-3 parameters are gathered); collective."""
+    import deepspeed
+
+    module = engine.module
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if is_rank0 else None
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if is_rank0 else None
+
+
+class _Logger:
+    """Rank 0's sink: console lines, MLflow metrics, MP4 and weights artifacts of the stage's run."""
+
+    def __init__(self, name: str, tracking_uri: str | None, run_id: str | None) -> None:
+        self.name = name
+        self.run_id = run_id
+        self.client = None
+        if tracking_uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def artifact(self, local_path: str | Path, artifact_path: str) -> None:
+        if self.client is not None:
+            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def console(self, step: int, total: int, values: Mapping[str, float]) -> None:
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+        self.line(f"step {step}/{total}  {shown}")
+
+    def line(self, text: str) -> None:
+        """One console line, written past Ray Train's print patch (which would echo it twice)."""
+        sys.__stdout__.write(f"[{self.name}] {text}\n")
+        sys.__stdout__.flush()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+def _batches(shard: Any, section: TrainConfig, rank: int, epoch: int, skip: int) -> Iterator[dict[str, Tensor]]:
+    """One epoch of this worker's shard, shuffled with a per-epoch seed, the first ``skip`` batches dropped."""
+    iterator = shard.iter_torch_batches(
+        batch_size=section.batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=section.shuffle_buffer or None,
+        local_shuffle_seed=section.seed * 1_000_003 + epoch * 101 + rank,
+    )
+    for i, batch in enumerate(iterator):
+        if i >= skip:
+            yield batch
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker (see the module docstring)."""
+    job: TrainJob = config["job"]
+    section = job.section
+    if not section.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.ERROR)
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = torch.device(f"cuda:{context.get_local_rank()}") if section.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if section.use_gpu else "gloo")
+    torch.manual_seed(section.seed)
+    models = job.task.build()
+    engines: dict[str, Any] = {}
+    for name, spec in models.engines.items():
+        engine, *_ = deepspeed.initialize(
+            model=spec.module,
+            model_parameters=[p for p in spec.module.parameters() if p.requires_grad],
+            config=deepspeed_config(section, spec, world, section.use_gpu),
+        )
+        engines[name] = engine
+    frozen = {name: m.to(device).eval().requires_grad_(False) for name, m in models.frozen.items()}
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    resumed_from = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            for name, engine in engines.items():
+                engine.load_checkpoint(str(Path(folder, name)), tag="state")
+            states = sorted(Path(folder).glob("train_state_rank*.pt"))
+            mine = Path(folder, f"train_state_rank{rank}.pt")
+            state = torch.load(mine if mine.exists() else states[0], weights_only=False)
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if mine.exists():
+            _set_rng_state(state["rng"])
+        else:
+            torch.manual_seed(section.seed + 7919 * rank + step)
+        resumed_from = step
+    else:
+        torch.manual_seed(section.seed + 7919 * rank)
+        np.random.seed(section.seed + rank)
+        random.seed(section.seed + rank)
+
+    sink = _Logger(job.name, job.tracking_uri, job.run_id) if rank == 0 else None
+    if sink is not None and resumed_from is not None:
+        sink.line(f"resumed from step {resumed_from} (epoch {epoch}, batch {batch_in_epoch})")
+
+    def save(final: bool) -> None:
+        folder = tempfile.mkdtemp(prefix=f"{job.name}-ckpt-")
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(Path(folder, name)), tag="state")
+        torch.save(
+            {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state()},
+            Path(folder, f"train_state_rank{rank}.pt"),
+        )
+        metrics = {"step": step, "final": float(final), **last_metrics}
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=f"step_{step:07d}",
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    batches = _batches(shard, section, rank, epoch, batch_in_epoch)
+    last_metrics: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    global_batch = section.batch_size * world
+    while step < section.steps:
+        batch = next(batches, None)
+        if batch is None:
+            epoch, batch_in_epoch = epoch + 1, 0
+            batches = _batches(shard, section, rank, epoch, 0)
+            batch = next(batches, None)
+            if batch is None:
+                raise ValueError(f"{job.name}: the dataset shard has fewer rows than one batch of {section.batch_size}")
+        if job.kill_at_step is not None and step == job.kill_at_step and rank == job.kill_rank and resumed_from is None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        values = job.task.train_step(step, batch, engines, frozen)
+        step += 1
+        batch_in_epoch += 1
+        window_steps += 1
+        if sink is not None and (step % section.log_every == 0 or step == section.steps):
+            elapsed = time.perf_counter() - window_start
+            last_metrics = {k: float(v) for k, v in values.items()}
+            for name, engine in engines.items():
+                prefix = "" if len(engines) == 1 else f"{name}."
+                last_metrics[f"{prefix}lr"] = float(engine.get_lr()[0])
+                norm = engine.get_global_grad_norm()
+                if norm is not None:
+                    last_metrics[f"{prefix}grad_norm"] = float(norm)
+            last_metrics["samples_per_s"] = global_batch * window_steps / max(elapsed, 1e-9)
+            last_metrics["peak_mem_mb"] = peak_memory_mb(device)
+            last_metrics["epoch"] = float(epoch)
+            sink.metrics(step, last_metrics)
+            sink.console(step, section.steps, last_metrics)
+            window_start, window_steps = time.perf_counter(), 0
+        if section.sample_every and step % section.sample_every == 0 and step < section.steps:
+            _log_samples(job, engines, frozen, section.zero_stage, step, sink)
+        if step % section.checkpoint_every == 0 or step == section.steps:
+            save(final=step == section.steps)
+
+    plain = _plain_models(job, engines, section.zero_stage, rank == 0)
+    if sink is not None:
+        exported = job.task.export.unwrap(plain[job.task.export.engine])
+        uri = storage.join(job.output_uri, MODEL_FILE)
+        weights.save_model(uri, exported, kind=job.task.export.kind, preset=job.preset, step=step, extra=job.extra)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp, MODEL_FILE)
+            local.write_bytes(storage.read_bytes(uri))
+            sink.artifact(local, "weights")
+            videos = job.task.samples(step, plain, frozen)
+            _write_videos(videos, job.fps, Path(tmp), f"samples/step_{step:07d}", sink)
+
+
+def _plain_models(job: TrainJob, engines: Mapping[str, Any], zero_stage: int, is_rank0: bool) -> dict[str, nn.Module]:
+    """Plain copies of every engine's module on rank 0 (empty elsewhere); collective under ZeRO-3."""
+    plain: dict[str, nn.Module] = {}
+    for name, engine in engines.items():
+        state = full_state_dict(engine, zero_stage, is_rank0)
+        if is_rank0:
+            module = job.task.plain(name)
+            module.load_state_dict(state)
+            plain[name] = module.eval()
+    return plain
+
+
+def _log_samples(job: TrainJob, engines: Mapping[str, Any], frozen: Mapping[str, nn.Module], zero_stage: int, step: int, sink: _Logger | None) -> None:
+    plain = _plain_models(job, engines, zero_stage, sink is not None)
+    if sink is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_videos(job.task.samples(step, plain, frozen), job.fps, Path(tmp), f"samples/step_{step:07d}", sink)
+
+
+def _write_videos(videos: Mapping[str, np.ndarray], fps: int, folder: Path, artifact_path: str, sink: _Logger) -> None:
+    from pipelines.shapes_world import encode_mp4
+
+    for name, frames in videos.items():
+        path = folder / f"{name}.mp4"
+        path.write_bytes(encode_mp4(frames, fps))
+        sink.artifact(path, artifact_path)
+
+
+def checkpoint_root(output_uri: str) -> str:
+    return storage.join(output_uri, CHECKPOINT_DIR)
+
+
+def fit(job: TrainJob) -> FitResult:
+    """Run the job under Ray Train; resumes from ``<output>/checkpoints`` when an earlier attempt left one."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    section = job.section
+    root = checkpoint_root(job.output_uri)
+    filesystem, path = storage.resolve(root)
+    if not storage.is_s3(root):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    job.dataset.context.enable_progress_bars = False
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu),
+        run_config=RunConfig(
+            name=TRAIN_RUN_NAME,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=section.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
+        ),
+        datasets={"train": job.dataset},
+    )
+    result = trainer.fit()
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    checkpoint_uri = None
+    if result.checkpoint is not None:
+        checkpoint_uri = ("s3://" if storage.is_s3(root) else "") + result.checkpoint.path
+    return FitResult(
+        model_uri=storage.join(job.output_uri, MODEL_FILE),
+        steps=int(metrics.get("step", 0)),
+        metrics=metrics,
+        checkpoint_uri=checkpoint_uri,
+        seconds=time.time() - started,
+    )
