@@ -409,11 +409,9 @@ class DiT(nn.Module):
         angles = rope_angles(frames, gh, gw, cfg.head_dim, cfg.rope_theta)
         mask = None
         if mode == "block_causal":
-            frame_mask = block_causal_mask(
-                f, cfg.chunk_frames, window_chunks=None if cache else window_chunks, sink=sink, device=x.device
-            )
+            frame_mask = block_causal_mask(f, cfg.chunk_frames, window_chunks=None if cache else window_chunks, sink=sink)
             if not bool(frame_mask.all()):
-                mask = token_mask(frame_mask, tokens_per_frame)
+                mask = token_mask(frame_mask, tokens_per_frame).to(x.device)
                 if past:
                     mask = torch.cat([mask.new_ones(mask.shape[0], past * tokens_per_frame), mask], dim=1)
 

@@ -197,6 +197,20 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.initialize()
+
+    def initialize(self) -> None:
+        """Variance-preserving convolutions, residual branches starting at zero.
+
+        With the residual branches off, the main path is a chain of linear maps; unit gain keeps the input's signal
+        from vanishing under the biases, so reconstructions start improving at once.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight)
 
     def encode_distribution(self, video: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior ``(mean, logvar)`` of scaled latents, each ``[B, F, C, h, w]`` (logvar = -inf without KL)."""

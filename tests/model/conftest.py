@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -24,6 +26,15 @@ def make_text(batch: int = 2, length: int = 5, dim: int = 16, seed: int = 1) -> 
     mask = torch.ones(batch, length, dtype=torch.bool)
     mask[-1, length - 2 :] = False
     return emb, mask
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """These models are far too small to gain from intra-op threads; one thread avoids spin-waits on a busy host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

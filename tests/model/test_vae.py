@@ -1,0 +1,106 @@
+"""Causal VAE: shapes for 1 + 4n frames, causality, and streaming decode equal to whole-clip decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.vae import VAE, VAEConfig
+
+
+def _video(frames: int, size: int = 16, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9, 17])
+def test_encode_decode_shapes(tiny_vae: VAE, frames: int) -> None:
+    with torch.no_grad():
+        z = tiny_vae.encode(_video(frames))
+        assert z.shape == (2, 1 + (frames - 1) // 4, 4, 4, 4)
+        assert tiny_vae.decode(z).shape == (2, frames, 3, 16, 16)
+
+
+def test_spatial_factor_eight_shapes() -> None:
+    cfg = VAEConfig(latent_channels=4, channels=(8, 8, 16, 16), temporal_down=(False, True, True))
+    vae = VAE(cfg).eval()
+    assert (cfg.spatial_factor, cfg.temporal_factor) == (8, 4)
+    with torch.no_grad():
+        z = vae.encode(_video(9, size=32, batch=1))
+        assert z.shape == (1, 3, 4, 4, 4)
+        assert vae.decode(z).shape == (1, 9, 3, 32, 32)
+
+
+def test_rejects_lengths_not_one_plus_four_n(tiny_vae: VAE) -> None:
+    with pytest.raises(ValueError):
+        tiny_vae.encode(_video(8))
+
+
+def test_streaming_decode_equals_whole_clip(tiny_vae: VAE) -> None:
+    z = torch.randn(2, 6, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = tiny_vae.decode(z)
+        per_frame = tiny_vae.stream_decoder()
+        pieces = [per_frame.push(z[:, i : i + 1]) for i in range(6)]
+        uneven = tiny_vae.stream_decoder()
+        chunks = [uneven.push(z[:, :1]), uneven.push(z[:, 1:4]), uneven.push(z[:, 4:])]
+    assert [p.shape[1] for p in pieces] == [1, 4, 4, 4, 4, 4]
+    assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-5)
+    assert [c.shape[1] for c in chunks] == [1, 12, 8]
+    assert torch.allclose(torch.cat(chunks, 1), whole, atol=1e-5)
+
+
+def test_encoder_and_decoder_are_causal(tiny_vae: VAE) -> None:
+    video = _video(13)
+    later = video.clone()
+    later[:, 6:] = -video[:, 6:]
+    z = torch.randn(2, 4, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    z_later = z.clone()
+    z_later[:, 2:] += 1.0
+    with torch.no_grad():
+        a, b = tiny_vae.encode(video), tiny_vae.encode(later)
+        pa, pb = tiny_vae.decode(z), tiny_vae.decode(z_later)
+    assert torch.allclose(a[:, :2], b[:, :2], atol=1e-6)  # latent 1 covers pixel frames 1..4
+    assert (a[:, 2:] - b[:, 2:]).abs().max() > 1e-4
+    assert torch.allclose(pa[:, :5], pb[:, :5], atol=1e-6)  # latent 2 first shows at pixel frame 5
+    assert (pa[:, 5:] - pb[:, 5:]).abs().max() > 1e-4
+
+
+def _moving_square(frames: int = 5, size: int = 16) -> torch.Tensor:
+    """``[1, T, 3, H, W]``: a 4x4 square of one colour sliding right over a flat background of another."""
+    video = torch.tensor([-0.6, 0.2, 0.8])[None, None, :, None, None].repeat(1, frames, 1, size, size)
+    for t in range(frames):
+        video[0, t, :, 6:10, 2 + 2 * t : 6 + 2 * t] = torch.tensor([0.9, -0.7, -0.2])[:, None, None]
+    return video
+
+
+def test_kl_and_plain_losses_train() -> None:
+    video = _moving_square()
+    for kl in (True, False):
+        torch.manual_seed(0)
+        vae = VAE(VAEConfig(latent_channels=4, channels=(8, 16), temporal_down=(True,), kl=kl))
+        opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(20):
+            out = vae(video, generator=torch.Generator().manual_seed(1))
+            loss = out["recon"] + 1e-4 * out["kl"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert out["video"].shape == video.shape and torch.isfinite(out["kl"])
+        assert (out["kl"].item() > 0) == kl
+        assert losses[-1] < 0.25 * losses[0]
+
+
+def test_latent_scale_round_trips() -> None:
+    cfg = VAEConfig(latent_channels=4, channels=(8, 16), temporal_down=(True,), scale=0.5)
+    torch.manual_seed(0)
+    scaled = VAE(cfg).eval()
+    torch.manual_seed(0)
+    plain = VAE(VAEConfig(latent_channels=4, channels=(8, 16), temporal_down=(True,))).eval()
+    video = _video(5, batch=1)
+    with torch.no_grad():
+        z, z_plain = scaled.encode(video), plain.encode(video)
+        assert torch.allclose(z, 0.5 * z_plain, atol=1e-6)
+        assert torch.allclose(scaled.decode(z), plain.decode(z_plain), atol=1e-6)
