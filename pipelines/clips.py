@@ -213,13 +213,16 @@ def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, 
 
     Returns the probe, the number of decodable source frames, the kept clips (`start_frame`,
     `start_time`, `frames` [T, S, S, 3] uint8, `motion_score`) and the count of clips dropped per reason.
-    Raises Rejected when the video cannot be read or yields no clip.
+    Raises Rejected when the video cannot be read or yields no clip. The kept clips of one video are
+    held in memory (at the target size) until it is decided; source frames are decoded in bounded chunks.
     """
     if not data:
         raise Rejected("empty", "zero bytes")
     info = probe(data)
     if min(info.width, info.height) < rules.min_side:
         raise Rejected("too_small", f"{info.width}x{info.height} < {rules.min_side}")
+    if 0 < info.duration < rules.min_seconds:
+        raise Rejected("too_short", f"{info.duration:.2f} s declared < {rules.min_seconds} s")
     width, height = decode_size(info.width, info.height, rules.size)
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=width, height=height)
@@ -414,7 +417,7 @@ def embed_captions(captions: Sequence[str], kind: str, max_length: int) -> tuple
         fn_constructor_kwargs={"kind": kind, "max_length": max_length},
         batch_size=64,
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
     )
     table = pa.concat_tables(ray.get(dataset.to_arrow_refs())) if distinct else None
     if table is None or table.num_rows == 0:
