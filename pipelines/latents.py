@@ -212,7 +212,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             },
             batch_size=1,
             batch_format="numpy",
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1,
         )
         dataset.materialize()

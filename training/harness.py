@@ -263,7 +263,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             for name, engine in engines.items():
-                engine.load_checkpoint(str(Path(folder, name)), tag="state")
+                engine.load_checkpoint(str(Path(folder, name)), tag=weights.CHECKPOINT_TAG)
             states = sorted(Path(folder).glob("train_state_rank*.pt"))
             mine = Path(folder, f"train_state_rank{rank}.pt")
             state = torch.load(mine if mine.exists() else states[0], weights_only=False)
@@ -285,7 +285,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     def save(final: bool) -> None:
         folder = tempfile.mkdtemp(prefix=f"{job.name}-ckpt-")
         for name, engine in engines.items():
-            engine.save_checkpoint(str(Path(folder, name)), tag="state")
+            engine.save_checkpoint(str(Path(folder, name)), tag=weights.CHECKPOINT_TAG)
         torch.save(
             {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state()},
             Path(folder, f"train_state_rank{rank}.pt"),
