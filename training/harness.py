@@ -67,6 +67,26 @@ class Export:
     unwrap: Callable[[nn.Module], nn.Module] = lambda module: module
 
 
+class EngineSet(dict):
+    """The DeepSpeed engines of a run by name; ``optimize`` is one backward + step that records the grad norm."""
+
+    def __init__(self, engines: Mapping[str, Any], zero_stage: int) -> None:
+        super().__init__(engines)
+        self.zero_stage = zero_stage
+        self.grad_norms: dict[str, float] = {}
+
+    def optimize(self, name: str, loss: Tensor) -> None:
+        engine = self[name]
+        engine.backward(loss)
+        if self.zero_stage == 0:
+            grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+            self.grad_norms[name] = float(torch.stack(grads).norm()) if grads else 0.0
+        engine.step()
+        if self.zero_stage > 0:
+            norm = engine.get_global_grad_norm()
+            self.grad_norms[name] = float(norm) if norm is not None else float("nan")
+
+
 class TrainTask:
     """A stage's training logic; constructed on the driver and shipped to every worker (keep it picklable)."""
 
@@ -75,8 +95,8 @@ class TrainTask:
     def build(self) -> Models:
         raise NotImplementedError
 
-    def train_step(self, step: int, batch: dict[str, Tensor], engines: Mapping[str, Any], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
-        """One optimisation step: call engines, ``engine.backward(loss)``, ``engine.step()``; return scalars to log."""
+    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+        """One optimisation step: call engines, then ``engines.optimize(name, loss)`` per engine; return scalars."""
         raise NotImplementedError
 
     def plain(self, name: str) -> nn.Module:
@@ -255,6 +275,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             config=deepspeed_config(section, spec, world, section.use_gpu),
         )
         engines[name] = engine
+    engines = EngineSet(engines, section.zero_stage)
     frozen = {name: m.to(device).eval().requires_grad_(False) for name, m in models.frozen.items()}
 
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -302,6 +323,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     batches = _batches(shard, section, rank, epoch, batch_in_epoch)
     last_metrics: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
+    window_sums: dict[str, float] = {}
     global_batch = section.batch_size * world
     while step < section.steps:
         batch = next(batches, None)
@@ -315,24 +337,25 @@ def _train_loop(config: dict[str, Any]) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         values = job.task.train_step(step, batch, engines, frozen)
+        for key, value in values.items():
+            window_sums[key] = window_sums.get(key, 0.0) + float(value)
         step += 1
         batch_in_epoch += 1
         window_steps += 1
         if sink is not None and (step % section.log_every == 0 or step == section.steps):
             elapsed = time.perf_counter() - window_start
-            last_metrics = {k: float(v) for k, v in values.items()}
+            last_metrics = {k: v / window_steps for k, v in window_sums.items()}
             for name, engine in engines.items():
                 prefix = "" if len(engines) == 1 else f"{name}."
                 last_metrics[f"{prefix}lr"] = float(engine.get_lr()[0])
-                norm = engine.get_global_grad_norm()
-                if norm is not None:
-                    last_metrics[f"{prefix}grad_norm"] = float(norm)
+                if name in engines.grad_norms:
+                    last_metrics[f"{prefix}grad_norm"] = engines.grad_norms[name]
             last_metrics["samples_per_s"] = global_batch * window_steps / max(elapsed, 1e-9)
             last_metrics["peak_mem_mb"] = peak_memory_mb(device)
             last_metrics["epoch"] = float(epoch)
             sink.metrics(step, last_metrics)
             sink.console(step, section.steps, last_metrics)
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, window_sums = time.perf_counter(), 0, {}
         if section.sample_every and step % section.sample_every == 0 and step < section.steps:
             _log_samples(job, engines, frozen, section.zero_stage, step, sink)
         if step % section.checkpoint_every == 0 or step == section.steps:

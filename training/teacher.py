@@ -30,7 +30,7 @@ from model.schedule import FlowSchedule, add_noise, velocity_target
 from pipelines.latents import VAE_FILE, training_dataset
 from pipelines.workflow import StageContext
 from training import sampling
-from training.harness import EngineSpec, Export, Models, TrainJob, TrainTask, fit
+from training.harness import EngineSet, EngineSpec, Export, Models, TrainJob, TrainTask, fit
 from training.weights import build_from_payload, load_model, read_payload
 
 SAMPLE_PROMPTS = 4
@@ -103,12 +103,11 @@ class TeacherTask(TrainTask):
         frozen = {"vae": load_model(self.vae_uri)} if self.vae_uri else {}
         return Models(engines={"dit": EngineSpec(objective, lr=self.lr, weight_decay=self.weight_decay)}, frozen=frozen)
 
-    def train_step(self, step: int, batch: dict[str, Tensor], engines: Mapping[str, Any], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, float]:
         engine = engines["dit"]
         frames = get_preset(self.preset).clip_latent_frames
         loss = engine(batch["latents"][:, :frames], batch["text_emb"], batch["text_mask"])
-        engine.backward(loss)
-        engine.step()
+        engines.optimize("dit", loss)
         return {"loss": float(loss.detach())}
 
     def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:

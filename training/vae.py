@@ -27,7 +27,7 @@ from model.presets import get_preset
 from model.vae import VAE
 from pipelines.workflow import StageContext
 from training import sampling
-from training.harness import EngineSpec, Export, Models, TrainJob, TrainTask, fit
+from training.harness import EngineSet, EngineSpec, Export, Models, TrainJob, TrainTask, fit
 from training.weights import load_model
 
 SAMPLE_CLIPS = 2
@@ -80,14 +80,13 @@ class VaeTask(TrainTask):
     def build(self) -> Models:
         return Models(engines={"vae": EngineSpec(self.plain("vae"), lr=self.lr, weight_decay=self.weight_decay)})
 
-    def train_step(self, step: int, batch: dict[str, Tensor], engines: Mapping[str, Any], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, float]:
         frames = batch["frames"]
         length = min(self.train_frames, frames.shape[1])
         start = int(torch.randint(0, frames.shape[1] - length + 1, ()))
         engine = engines["vae"]
         loss, recon, kl, edge = engine(pixels_to_video(frames[:, start : start + length]))
-        engine.backward(loss)
-        engine.step()
+        engines.optimize("vae", loss)
         recon = float(recon.detach())
         return {
             "loss": float(loss.detach()),
