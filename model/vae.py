@@ -93,11 +93,12 @@ class ResBlock(nn.Module):
         self.norm2 = ChannelRMSNorm(cout)
         self.conv2 = CausalConv3d(cout, cout)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.gain = nn.Parameter(torch.zeros(cout, 1, 1, 1))
 
     def forward(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)), cache)
         h = self.conv2(F.silu(self.norm2(h)), cache)
-        return self.skip(x) + h
+        return self.skip(x) + self.gain * h
 
 
 class Downsample(nn.Module):
@@ -111,7 +112,7 @@ class Downsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.spatial(x)
         if self.temporal is not None:
-            x = self.temporal(F.pad(x, (0, 0, 0, 0, 2, 0)))
+            x = self.temporal(torch.cat([x[:, :, :1], x[:, :, :1], x], dim=2))
         return x
 
 
@@ -148,7 +149,6 @@ class Encoder(nn.Module):
                 level["down"] = Downsample(c, cfg.temporal_down[i])
             self.levels.append(level)
         self.mid = ResBlock(ch[-1], ch[-1])
-        self.norm_out = ChannelRMSNorm(ch[-1])
         self.conv_out = CausalConv3d(ch[-1], cfg.latent_channels * (2 if cfg.kl else 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -158,8 +158,7 @@ class Encoder(nn.Module):
                 h = block(h)
             if "down" in level:
                 h = level["down"](h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.mid(h))
 
 
 class Decoder(nn.Module):
@@ -176,7 +175,6 @@ class Decoder(nn.Module):
             if i < len(ch) - 1:
                 level["up"] = Upsample(c, ups[i])
             self.levels.append(level)
-        self.norm_out = ChannelRMSNorm(ch[-1])
         self.conv_out = CausalConv3d(ch[-1], 3)
 
     def forward(self, z: Tensor, cache: ConvCache | None = None) -> Tensor:
@@ -186,7 +184,7 @@ class Decoder(nn.Module):
                 h = block(h, cache)
             if "up" in level:
                 h = level["up"](h, cache)
-        return self.conv_out(F.silu(self.norm_out(h)), cache)
+        return self.conv_out(h, cache)
 
 
 class VAE(nn.Module):
@@ -199,18 +197,35 @@ class VAE(nn.Module):
         self.decoder = Decoder(cfg)
         self.initialize()
 
-    def initialize(self) -> None:
-        """Variance-preserving convolutions, residual branches starting at zero.
+    def initialize(self, noise: float = 0.02) -> None:
+        """Start as an average-pool autoencoder: residual branches gated by per-channel gains at zero, and the main
+        path (linear at init) carrying RGB in its first channels through mean-pooling down and copying up.
 
-        With the residual branches off, the main path is a chain of linear maps; unit gain keeps the input's signal
-        from vanishing under the biases, so reconstructions start improving at once.
+        Flat colours then reconstruct almost exactly from step 0 and training only has to learn the detail; the
+        zero gains (rather than zero weights) let the branches open smoothly under Adam's first steps.
         """
         for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
-        for m in self.modules():
             if isinstance(m, ResBlock):
-                nn.init.zeros_(m.conv2.weight)
+                for conv in (m.conv1, m.conv2):
+                    nn.init.normal_(conv.weight, std=conv.weight[0].numel() ** -0.5)
+                    nn.init.zeros_(conv.bias)
+                nn.init.zeros_(m.gain)
+                if isinstance(m.skip, nn.Conv3d):
+                    _identity_(m.skip, noise)
+            elif isinstance(m, Downsample):
+                _identity_(m.spatial, noise, taps=(slice(None), slice(1, 3), slice(1, 3)))
+                if m.temporal is not None:
+                    _identity_(m.temporal, noise, taps=(slice(1, 3), slice(None), slice(None)))
+            elif isinstance(m, Upsample):
+                _identity_(m.spatial, noise)
+                if m.temporal is not None:
+                    _identity_(m.temporal, noise, copies=2)
+        for conv in (self.encoder.conv_in, self.encoder.conv_out, self.decoder.conv_in, self.decoder.conv_out):
+            _identity_(conv, noise)
+        if self.cfg.kl:
+            logvar = self.encoder.conv_out
+            nn.init.zeros_(logvar.weight[self.cfg.latent_channels :])
+            nn.init.constant_(logvar.bias[self.cfg.latent_channels :], -6.0)
 
     def encode_distribution(self, video: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior ``(mean, logvar)`` of scaled latents, each ``[B, F, C, h, w]`` (logvar = -inf without KL)."""
@@ -252,6 +267,27 @@ class VAE(nn.Module):
         else:
             out["kl"] = mean.new_zeros(())
         return out
+
+
+def _identity_(
+    conv: nn.Conv3d,
+    noise: float,
+    taps: tuple[slice, slice, slice] | None = None,
+    copies: int = 1,
+) -> None:
+    """Map channel i to channel i (the first min(in, out) of them, ``copies`` times over the outputs), averaging
+    over ``taps`` (default: the current frame, centre pixel); small random weights elsewhere, zero bias."""
+    w = conv.weight
+    with torch.no_grad():
+        nn.init.normal_(w, std=noise * w[0].numel() ** -0.5)
+        nn.init.zeros_(conv.bias)
+        kt, kh, kw = w.shape[2:]
+        st, sh, sw = taps or (slice(kt - 1, kt), slice(kh // 2, kh // 2 + 1), slice(kw // 2, kw // 2 + 1))
+        region = w[0, 0, st, sh, sw]
+        per_copy = w.shape[0] // copies
+        for c in range(copies):
+            for i in range(min(w.shape[1], per_copy)):
+                w[c * per_copy + i, i, st, sh, sw] += 1.0 / region.numel()
 
 
 class StreamingDecoder:

@@ -79,9 +79,9 @@ def test_kl_and_plain_losses_train() -> None:
     for kl in (True, False):
         torch.manual_seed(0)
         vae = VAE(VAEConfig(latent_channels=4, channels=(8, 16), temporal_down=(True,), kl=kl))
-        opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+        opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
         losses = []
-        for _ in range(20):
+        for _ in range(30):
             out = vae(video, generator=torch.Generator().manual_seed(1))
             loss = out["recon"] + 1e-4 * out["kl"]
             opt.zero_grad()
@@ -90,7 +90,17 @@ def test_kl_and_plain_losses_train() -> None:
             losses.append(loss.item())
         assert out["video"].shape == video.shape and torch.isfinite(out["kl"])
         assert (out["kl"].item() > 0) == kl
-        assert losses[-1] < 0.25 * losses[0]
+        assert losses[-1] < 0.85 * losses[0]
+
+
+def test_initial_vae_reconstructs_flat_colours() -> None:
+    """The average-pool initialisation: training starts from exact flat colours, not from noise."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(latent_channels=8, channels=(16, 32, 64), temporal_down=(True, True))).eval()
+    colours = torch.rand(3, 1, 3, 1, 1, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    video = colours.expand(3, 9, 3, 16, 16)
+    with torch.no_grad():
+        assert ((vae.decode(vae.encode(video)) - video) ** 2).mean() < 1e-3
 
 
 def test_latent_scale_round_trips() -> None:
