@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from model.dit import DiT, block_causal_mask, token_mask
-from tests.model.conftest import make_dit, make_text
 
 ATOL = 1e-5
 
@@ -68,7 +69,7 @@ def test_sliding_window_cache_equals_windowed_full_forward(dit: DiT, text: tuple
 
 
 @pytest.mark.parametrize("sink", [False, True])
-def test_sliding_window_equals_recompute_over_window_frames(text: tuple, sink: bool) -> None:
+def test_sliding_window_equals_recompute_over_window_frames(text: tuple, sink: bool, make_dit: Callable) -> None:
     """With one layer the cached keys depend only on their own frames, so a rollout equals a fresh forward
     over exactly the frames in the window (sink first), including the rotary positions relative to the window."""
     model = make_dit(depth=1)
@@ -121,7 +122,7 @@ def test_per_frame_timesteps_modulate_their_own_frames(dit: DiT, text: tuple) ->
     assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3
 
 
-def test_student_loads_teacher_state_dict(dit: DiT, text: tuple) -> None:
+def test_student_loads_teacher_state_dict(dit: DiT, text: tuple, make_dit: Callable) -> None:
     student = make_dit(seed=7, attention_mode="block_causal")
     student.load_state_dict(dit.state_dict())
     x, t = _latents()
@@ -151,7 +152,7 @@ def test_null_text_and_caption_dropout(dit: DiT, text: tuple) -> None:
     assert torch.equal(dropped_mask[0], null_mask[0]) and torch.equal(dropped_mask[1], mask[1])
 
 
-def test_padded_text_tokens_are_ignored(dit: DiT) -> None:
+def test_padded_text_tokens_are_ignored(dit: DiT, make_text: Callable) -> None:
     emb, mask = make_text(batch=1, length=6)
     mask[:, 3:] = False
     other = emb.clone()
@@ -176,7 +177,7 @@ def test_batched_cache_equals_per_sample(dit: DiT, text: tuple) -> None:
             assert torch.allclose(both[one], single, atol=ATOL)
 
 
-def test_gradient_checkpointing_keeps_gradients(text: tuple) -> None:
+def test_gradient_checkpointing_keeps_gradients(text: tuple, make_dit: Callable) -> None:
     x, t = _latents()
     grads = []
     for ckpt in (False, True):
@@ -187,7 +188,7 @@ def test_gradient_checkpointing_keeps_gradients(text: tuple) -> None:
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_adaln_zero_init_predicts_zero() -> None:
+def test_adaln_zero_init_predicts_zero(make_dit: Callable, make_text: Callable) -> None:
     model = make_dit()
     model.initialize(adaln_zero=True)
     x, t = _latents()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -10,7 +12,6 @@ from model.dit import DiT
 from model.schedule import FlowSchedule
 from model.streaming import Chunk, stream, teacher_sample
 from model.vae import VAE
-from tests.model.conftest import make_dit, make_text
 
 SCHEDULE = FlowSchedule(shift=3.0)
 SHAPE = (4, 8, 8)
@@ -54,7 +55,7 @@ def test_student_steps_renoise_with_fresh_noise(dit: DiT, text: tuple) -> None:
     assert (a - b).abs().max() > 1e-3 and (a - one_step_a).abs().max() > 1e-3
 
 
-def test_dynamic_prompt_changes_only_later_chunks(dit: DiT, text: tuple) -> None:
+def test_dynamic_prompt_changes_only_later_chunks(dit: DiT, text: tuple, make_text: Callable) -> None:
     other = make_text(seed=9)
     fixed = _latents(_rollout(dit, text))
     switched = _latents(_rollout(dit, lambda i: text if i < 2 else other))
@@ -92,7 +93,7 @@ def test_video_to_video_one_step_is_the_x0_prediction_of_the_noised_input(dit: D
     assert torch.allclose(out, expected, atol=1e-5)
 
 
-def test_many_step_causal_sampler_with_guidance_matches_reference(text: tuple) -> None:
+def test_many_step_causal_sampler_with_guidance_matches_reference(text: tuple, make_dit: Callable) -> None:
     model = make_dit()
     kwargs = {"sampler": "euler", "num_steps": 4, "guidance_scale": 3.0, "num_chunks": 2}
     cached, reference = _rollout(model, text, **kwargs), _rollout(model, text, use_cache=False, **kwargs)
