@@ -132,28 +132,47 @@ class CausalTeacherConfig(TeacherConfig):
 
 
 class TrajectoriesConfig(Section):
-    """Teacher ODE trajectories: the states at the student's timesteps and the final x0, per prompt."""
+    """Teacher ODE trajectories: the states at the student's timesteps and the final x0, per prompt.
+
+    Prompt i is latents row ``i mod rows`` (captions and text embeddings of the latents output) with its own
+    noise seed; shard k holds prompts ``[k * rows_per_shard, (k + 1) * rows_per_shard)``, the unit of resumption.
+    """
 
     num_prompts: int = Field(default=64, ge=1)
-    ode_steps: int = Field(default=48, ge=1)
-    cfg_scale: float = Field(default=3.0, ge=0)
+    ode_steps: int = Field(default=48, ge=1, description="Euler steps from t = 1 to 0 (the student's times are added).")
+    cfg_scale: float | None = Field(default=None, ge=0, description="Teacher CFG scale (default: the preset's).")
     rows_per_shard: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="Prompts per teacher batch inside an actor.")
+    actors: int | None = Field(default=None, ge=1, description="Teacher actors (default: one per free CPU or GPU).")
+    use_gpu: bool = False
     seed: int = 0
 
 
-class OdeInitConfig(TrainConfig):
-    pass
+class StudentConfig(TrainConfig):
+    """What the student stages share: the oracle evaluation of 4-step streaming samples after training."""
+
+    eval_prompts: int = Field(default=64, ge=0, description="Held-out prompts (the teacher's evaluation prompts).")
+    eval_latent_frames: int | None = Field(default=None, ge=1, description="Sample length (preset's clip length).")
+    eval_batch_size: int = Field(default=16, ge=1)
+    sample_prompts: int = Field(default=2, ge=0, description="Prompts of the sample videos logged while training.")
 
 
-class DmdConfig(TrainConfig):
+class OdeInitConfig(StudentConfig):
+    """ODE regression of the block-causal student onto the teacher's trajectories."""
+
+
+class DmdConfig(StudentConfig):
+    """Asymmetric DMD: causal generator, real score = `teacher` (or none: regression only), online critic."""
+
     teacher: Literal["bidirectional", "causal", "none"] = "bidirectional"
-    ode_init: bool = True
-    cfg_scale: float = Field(default=3.0, ge=0)
-    critic_steps: int = Field(default=5, ge=1)
+    ode_init: bool = Field(default=True, description="Start from the ODE-initialised student (else the teacher).")
+    cfg_scale: float | None = Field(default=None, ge=0, description="Real-score CFG scale (default: the preset's).")
+    critic_steps: int = Field(default=5, ge=1, description="Critic updates per generator update.")
     critic_lr: float = Field(default=2e-4, gt=0)
-    t_min: float = Field(default=0.02, ge=0, le=1)
+    t_min: float = Field(default=0.02, ge=0, le=1, description="DMD noise levels, unshifted; the shift applies.")
     t_max: float = Field(default=0.98, ge=0, le=1)
-    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    t_buckets: int = Field(default=4, ge=1, description="Critic loss is logged per bucket of t.")
+    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="Export an EMA of the generator.")
 
 
 class EvaluateConfig(Section):
