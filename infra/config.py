@@ -72,14 +72,20 @@ class ClipsConfig(Section):
     )
     fps: int = Field(default=12, ge=1)
     size: int = Field(default=64, ge=16)
-    clip_frames: int = Field(default=37, ge=1, description="1 + 4n frames, so the VAE maps it to 1 + n latents.")
-    stride_frames: int = Field(default=36, ge=1)
+    clip_frames: int = Field(default=33, ge=1, description="1 + 4n frames, so the VAE maps it to 1 + n latents.")
+    stride_frames: int = Field(default=32, ge=1)
     min_seconds: float = Field(default=1.0, ge=0)
     min_side: int = Field(default=32, ge=1)
-    static_threshold: float = Field(default=0.002, ge=0)
-    blank_threshold: float = Field(default=0.02, ge=0)
+    static_threshold: float = Field(
+        default=0.002, ge=0, description="A clip whose mean absolute frame difference (0..1) is below this is static."
+    )
+    blank_threshold: float = Field(
+        default=0.02, ge=0, description="A frame whose pixel standard deviation (0..1) is below this is blank."
+    )
     rows_per_shard: int = Field(default=64, ge=1)
+    videos_per_task: int = Field(default=8, ge=1, description="Videos per Ray task; also the unit of resumption.")
     text_encoder: str = "minilm"
+    text_max_length: int = Field(default=32, ge=1)
 
 
 class TrainConfig(Section):
@@ -176,9 +182,18 @@ class DmdConfig(StudentConfig):
 
 
 class EvaluateConfig(Section):
+    """Long rollouts of each model under test on held-out prompts, scored per second."""
+
     seconds: float = Field(default=30.0, gt=0)
     num_prompts: int = Field(default=8, ge=1)
     seed: int = 1234
+    models: list[Literal["dmd_student", "ode_init_student", "causal_teacher", "teacher"]] = [
+        "dmd_student",
+        "ode_init_student",
+        "causal_teacher",
+        "teacher",
+    ]
+    causal_teacher_steps: int = Field(default=16, ge=1, description="Euler steps per chunk of the causal teacher.")
     clip_checkpoint: str | None = Field(default=None, description="Local open_clip weights; CLIP metrics are skipped without.")
 
 

@@ -15,14 +15,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 
 from infra.config import PipelineConfig, load_config  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.net import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,26 +38,6 @@ def make_config(tmp_path: Path):
         return load_config(None, [f"storage.root={tmp_path / 'root'}", "ray.num_cpus=2", *overrides])
 
     return make
-
-
-def wait_for_http(url: str, process, timeout: float = 60.0) -> None:
-    """Poll until a freshly started server answers, failing early if its process died."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {process.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
 S3_PORT = free_port()

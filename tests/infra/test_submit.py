@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pyarrow.parquet as pq
 import pytest
-from conftest import free_port, wait_for_http
+from tests.net import free_port, wait_for_http
 
 from infra import storage
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import free_port, wait_for_http
+from tests.net import free_port, wait_for_http
 
 from infra import storage
 from pipelines.workflow import STAGES, run_stages
