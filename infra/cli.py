@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from infra.config import ConfigError, PipelineConfig, load_config
+from infra.errors import UserError
 from infra.storage import IncompleteOutputError
 
 BENCHMARKS = {
@@ -18,10 +19,6 @@ BENCHMARKS = {
     "data": ("pipelines.bench", "decord raw decode vs the clips stage, frames/s"),
     "train": ("training.bench", "samples/s and peak memory per ZeRO stage and worker count"),
 }
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; printed as one line, never as a stack trace."""
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     submit.add_argument("args", nargs=argparse.REMAINDER, help="the causvid command to run, after --")
+
+    report = commands.add_parser("report", help="print the latest evaluation's scores and drift ratios")
+    _config_args(report)
+    report.add_argument("--json", action="store_true", help="print summary.json: {models: {NAME: {metric: value, drift_ratio}}}")
+
+    dashboard = commands.add_parser("dashboard", help="write a static HTML drift report from MLflow evaluation runs")
+    _config_args(dashboard)
+    dashboard.add_argument("--runs", nargs="+", default=[], metavar="RUN_ID", help="evaluation runs (default: the latest 5)")
+    dashboard.add_argument("--out", default="causvid-dashboard.html", help="where to write the report")
+    dashboard.add_argument("--videos", type=int, default=2, metavar="N", help="rollout videos per model to embed")
 
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     bench.add_argument("name", choices=list(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
@@ -130,6 +137,38 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return submit(address, forwarded, wait=not args.no_wait)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from evaluation.drift import markdown_table, summary_rows
+    from evaluation.report import latest_evaluation, latest_summary
+
+    config = _load(args)
+    summary = latest_summary(config)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    models = summary["models"]
+    print(f"evaluation {latest_evaluation(config)}\n")
+    print(markdown_table(summary_rows(models)))
+    metrics = sorted({m for entry in models.values() for m in entry.get("drift_ratio", {})})
+    print("\ndrift (last 5 s / first 5 s)")
+    print(f"{'model':18s}" + "".join(f"{m[:14]:>15s}" for m in metrics))
+    for name, entry in models.items():
+        ratios = entry.get("drift_ratio", {})
+        cells = "".join(f"{ratios[m]:15.3f}" if ratios.get(m) is not None else f"{'-':>15s}" for m in metrics)
+        print(f"{name:18s}{cells}")
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from evaluation.report import write_dashboard
+
+    path = write_dashboard(_load(args), Path(args.out), args.runs, videos_per_model=args.videos)
+    print(path.resolve())
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     module_name = BENCHMARKS[args.name][0]
     try:
@@ -143,7 +182,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "stage": _cmd_stage, "status": _cmd_status, "submit": _cmd_submit, "bench": _cmd_bench}
+COMMANDS = {
+    "run": _cmd_run,
+    "stage": _cmd_stage,
+    "status": _cmd_status,
+    "submit": _cmd_submit,
+    "report": _cmd_report,
+    "dashboard": _cmd_dashboard,
+    "bench": _cmd_bench,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from infra.config import PipelineConfig
 
 FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "CAUSVID_", "DS_ACCELERATOR")
 QUIET_RAY_ENV = {
-    "RAY_TRAIN_V2_ENABLED": "1",
+    "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "60",
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }

@@ -46,7 +46,9 @@ class RayConfig(Section):
 
     address: str | None = None
     num_cpus: int | None = Field(default=None, ge=1)
-    dashboard: bool = False
+    dashboard: bool = Field(
+        default=True, description="The local Ray's dashboard, on 127.0.0.1 only; Ray Train's state queries need it."
+    )
 
 
 class ModelConfig(Section):

@@ -43,10 +43,11 @@ def tracking_uri(config: PipelineConfig) -> str:
 
 
 def artifact_location(config: PipelineConfig) -> str | None:
-    """Artifacts beside the data for the embedded default; a server decides its own otherwise."""
-    if config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    return Path(storage.normalize(config.storage.root), "mlartifacts").as_uri()
+    """Artifacts beside a SQLite store (MLflow would put them under the working directory); a server decides its own."""
+    uri = tracking_uri(config)
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
+    return None
 
 
 def configure(config: PipelineConfig) -> str:

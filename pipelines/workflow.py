@@ -1,13 +1,14 @@
 """The stage DAG, output fingerprints, manifests, and the runner behind `causvid run` and `causvid stage`.
 
 Every stage writes one output under `<root>/<stage>/<fingerprint>/`. The fingerprint hashes the stage's
-config section, its inputs' fingerprints and the code version, so a changed config or a new teacher
+config section, its inputs' fingerprints and the code the stage runs, so a changed config or a new teacher
 gets a new folder and the old one stays. An output counts only once `_SUCCESS.json` is written last;
 a complete output is skipped, and an interrupted stage resumes by keeping the shards it finished.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import json
@@ -26,7 +27,8 @@ from infra.config import ConfigError, PipelineConfig, section_dump
 
 log = logging.getLogger("causvid")
 
-SOURCE_PACKAGES = ("model", "pipelines", "training", "evaluation", "infra")
+SOURCE_PACKAGES = ("model", "pipelines", "training", "evaluation")
+PLUMBING = ("pipelines.workflow",)
 
 
 @dataclass(frozen=True)
@@ -113,19 +115,50 @@ STAGES: dict[str, Stage] = {
 }
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of the project's Python sources, taken once per process (the code it has loaded).
+@lru_cache(maxsize=None)
+def code_version(module: str) -> str:
+    """Hash of the sources a stage runs: its entry module and every project module it imports, transitively.
 
-    Outputs made by other code never count as up to date.
+    Plumbing (`infra`, this workflow) moves data without changing it and is left out, so editing the CLI or the
+    storage layer retrains nothing; config changes are caught by the section hash. Taken once per process.
     """
-    digest = hashlib.sha256()
     top = Path(__file__).resolve().parent.parent
-    for package in SOURCE_PACKAGES:
-        for path in sorted((top / package).rglob("*.py")):
-            digest.update(str(path.relative_to(top)).encode())
-            digest.update(path.read_bytes())
+    digest = hashlib.sha256()
+    for name in sorted(project_imports(module)):
+        digest.update(name.encode())
+        digest.update(_module_file(top, name).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def project_imports(module: str) -> set[str]:
+    """``module`` and the project modules it imports anywhere in its source (function-level imports too)."""
+    top = Path(__file__).resolve().parent.parent
+    found: set[str] = set()
+    stack = [module]
+    while stack:
+        name = stack.pop()
+        if name in found or not _is_source(top, name):
+            continue
+        found.add(name)
+        tree = ast.parse(_module_file(top, name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                stack.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                stack.append(node.module)
+                stack.extend(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _is_source(top: Path, name: str) -> bool:
+    package = name.split(".")[0]
+    plumbing = any(name == p or name.startswith(p + ".") for p in PLUMBING)
+    return package in SOURCE_PACKAGES and not plumbing and _module_file(top, name).is_file()
+
+
+def _module_file(top: Path, name: str) -> Path:
+    base = top.joinpath(*name.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
 
 
 def stage_order(until: str | None = None) -> list[str]:
@@ -150,8 +183,10 @@ class Plan:
 
 
 def plan(config: PipelineConfig, code: str | None = None) -> Plan:
-    """Fingerprint every stage in DAG order: hash(stage, its section, its inputs' fingerprints, code)."""
-    code = code or code_version()
+    """Fingerprint every stage in DAG order: hash(stage, its section, its inputs' fingerprints, its code).
+
+    ``code`` replaces every stage's code version (tests use it to hold the code fixed).
+    """
     fingerprints: dict[str, str] = {}
     for name, stage in STAGES.items():
         section = section_dump(getattr(config, stage.section))
@@ -161,7 +196,7 @@ def plan(config: PipelineConfig, code: str | None = None) -> Plan:
             "stage": name,
             "section": section,
             "inputs": {dep: fingerprints[dep] for dep in stage.inputs(config)},
-            "code": code,
+            "code": code or code_version(stage.entry.partition(":")[0]),
             "model": section_dump(config.model),
         }
         fingerprints[name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

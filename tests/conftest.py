@@ -15,12 +15,12 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 
 from infra.config import PipelineConfig, load_config  # noqa: E402
-from tests.net import free_port  # noqa: E402
+from tests.net import free_port, wait_for_http  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """One local Ray for the whole session (2 CPUs, no dashboard), as the embedded default starts it."""
+    """One local Ray for the whole session (2 CPUs), started as the embedded default starts it."""
     import ray
 
     from infra.cluster import ensure_ray

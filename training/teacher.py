@@ -27,7 +27,7 @@ from infra.config import TeacherConfig
 from model.dit import DiT
 from model.presets import get_preset
 from model.schedule import FlowSchedule, add_noise, velocity_target
-from pipelines.latents import VAE_FILE, training_dataset
+from pipelines.latents import training_dataset
 from pipelines.workflow import StageContext
 from training import sampling
 from training.harness import EngineSet, EngineSpec, Export, Models, TrainJob, TrainTask, fit

@@ -122,6 +122,11 @@ def test_secrets_are_redacted() -> None:
     assert flat == {"storage.root": "s3://b", "storage.aws_secret_access_key": "***", "storage.token": "None"}
 
 
-def test_code_version_hashes_sources() -> None:
-    assert len(workflow.code_version()) == 12
-    assert workflow.code_version() == workflow.code_version()
+def test_code_version_follows_each_stage_s_imports() -> None:
+    teacher = workflow.project_imports("training.teacher")
+    assert {"training.teacher", "training.harness", "model.dit", "model.schedule"} <= teacher
+    assert not any(name.startswith("infra") for name in teacher) and "pipelines.workflow" not in teacher
+    synthetic = workflow.project_imports("pipelines.synthetic")
+    assert "pipelines.shapes_world" in synthetic and "model.dit" not in synthetic
+    assert len(workflow.code_version("training.teacher")) == 12
+    assert workflow.code_version("training.teacher") != workflow.code_version("pipelines.synthetic")
