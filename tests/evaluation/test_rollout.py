@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from infra import storage, tracking
+from infra.cli import main
+from infra.config import PipelineConfig, load_config
 from model.presets import get_preset
 from pipelines.workflow import plan, run_stages
 from training.weights import save_model
@@ -15,10 +17,15 @@ from training.weights import save_model
 SECONDS = 3
 
 
-@pytest.fixture
-def untrained_inputs(make_config):
+@pytest.fixture(scope="module")
+def untrained_inputs(tmp_path_factory: pytest.TempPathFactory) -> PipelineConfig:
     """Complete outputs of the stages evaluate reads, holding freshly initialised tiny networks."""
-    config = make_config(f"evaluate.seconds={SECONDS}", "evaluate.num_prompts=2", "evaluate.causal_teacher_steps=2")
+    root = tmp_path_factory.mktemp("evaluate") / "root"
+    config = load_config(
+        None,
+        [f"storage.root={root}", "ray.num_cpus=2", f"evaluate.seconds={SECONDS}", "evaluate.num_prompts=2",
+         "evaluate.causal_teacher_steps=2"],
+    )
     the_plan = plan(config)
     preset = get_preset("tiny")
     torch.manual_seed(0)
@@ -32,9 +39,13 @@ def untrained_inputs(make_config):
     return config
 
 
-def test_evaluate_stage_writes_curves_summary_videos_and_mlflow(ray_local: None, untrained_inputs) -> None:
-    config = untrained_inputs
-    uri = run_stages(config, ["evaluate"])["evaluate"]
+@pytest.fixture(scope="module")
+def evaluated(ray_local: None, untrained_inputs: PipelineConfig) -> tuple[PipelineConfig, str]:
+    return untrained_inputs, run_stages(untrained_inputs, ["evaluate"])["evaluate"]
+
+
+def test_evaluate_stage_writes_curves_summary_videos_and_mlflow(evaluated: tuple[PipelineConfig, str]) -> None:
+    config, uri = evaluated
     summary = storage.read_json(storage.join(uri, "summary.json"))
     assert set(summary["models"]) == {"dmd_student", "ode_init_student", "causal_teacher", "teacher"}
     student = summary["models"]["dmd_student"]
@@ -59,3 +70,34 @@ def test_evaluate_stage_writes_curves_summary_videos_and_mlflow(ray_local: None,
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"plots", "videos", "summary.json", "summary_table.md"} <= artifacts
     assert json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="summary.json")).read_text()) == summary
+
+
+def test_report_prints_the_latest_summary(evaluated: tuple[PipelineConfig, str], capsys: pytest.CaptureFixture) -> None:
+    config, uri = evaluated
+    root = ["--set", f"storage.root={config.storage.root}"]
+    assert main(["report", "--json", *root]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == storage.read_json(storage.join(uri, "summary.json"))
+    assert set(printed["models"]["causal_teacher"]) >= {"color_acc", "shape_acc", "motion_acc", "persistence", "crispness"}
+    assert main(["report", *root]) == 0
+    table = capsys.readouterr().out
+    assert uri in table and "temporal quality" in table and "dmd_student" in table
+    assert main(["report", "--set", f"storage.root={config.storage.root}/nothing-here"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_dashboard_embeds_plots_tables_and_videos(
+    evaluated: tuple[PipelineConfig, str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config, uri = evaluated
+    root = ["--set", f"storage.root={config.storage.root}"]
+    out = tmp_path / "report.html"
+    assert main(["dashboard", *root, "--out", str(out), "--videos", "1"]) == 0
+    assert capsys.readouterr().out.strip() == str(out.resolve())
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") >= 3
+    assert page.count("data:video/mp4;base64,") == 4
+    assert all(model in page for model in ("dmd_student", "ode_init_student", "causal_teacher", "teacher"))
+    assert "last 5 s / first 5 s" in page
+    assert main(["dashboard", *root, "--out", str(out), "--runs", "not-a-run"]) == 2
+    assert "not-a-run" in capsys.readouterr().err
