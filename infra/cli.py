@@ -75,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--out", default="causvid-dashboard.html", help="where to write the report")
     dashboard.add_argument("--videos", type=int, default=2, metavar="N", help="rollout videos per model to embed")
 
+    generate = commands.add_parser(
+        "generate",
+        help="stream a video from a student to an MP4: text, dynamic prompts, an image or a video as input",
+        description='Example: causvid generate --checkpoint RUN_ID --prompt "a red circle circling clockwise on a '
+        'black background" --seconds 30 --out video.mp4 --prompt-at 10:"a blue square bouncing up and down on a '
+        'black background"',
+    )
+    generate.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH", help="stage output, model.pt or MLflow run id")
+    generate.add_argument("--prompt", required=True, help="the caption (from the start)")
+    generate.add_argument("--seconds", type=float, help="length (default 30 s; with --video the whole input)")
+    generate.add_argument("--out", required=True, help="the MP4 to write, frame by frame as chunks are ready")
+    generate.add_argument(
+        "--prompt-at", action="append", default=[], metavar='SECONDS:"TEXT"', help="switch the caption from that second on"
+    )
+    generate.add_argument("--image", help="start from this image (png, jpg, ...)")
+    generate.add_argument("--video", help="re-render this video (it may still be being written)")
+    generate.add_argument("--strength", type=float, default=0.5, help="with --video: noise level in (0, 1] (default 0.5)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--vae", help="VAE model.pt (default: the one in the checkpoint's manifests)")
+    generate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    generate.add_argument("--config", "-c", help="YAML config, to find MLflow run ids (default: built-in defaults)")
+    generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
+
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     bench.add_argument("name", choices=list(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
@@ -169,6 +192,24 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from evaluation.generate import Generator, Request, parse_prompt_at, validate, write_mp4
+
+    request = Request(
+        prompt=args.prompt,
+        seconds=args.seconds,
+        prompt_at=tuple(parse_prompt_at(value) for value in args.prompt_at),
+        image=args.image,
+        video=args.video,
+        strength=args.strength,
+        seed=args.seed,
+    )
+    validate(request)
+    generator = Generator.load(args.checkpoint, vae=args.vae, config=_load(args), device=args.device)
+    print(write_mp4(generator, request, args.out, progress=True))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     module_name = BENCHMARKS[args.name][0]
     try:
@@ -189,6 +230,7 @@ COMMANDS = {
     "submit": _cmd_submit,
     "report": _cmd_report,
     "dashboard": _cmd_dashboard,
+    "generate": _cmd_generate,
     "bench": _cmd_bench,
 }
 

@@ -1,0 +1,258 @@
+"""Generation API and `causvid generate` on a small random student: the mechanics every mode must keep whatever the
+weights (streaming, the KV cache, the image in the cache, a growing input video), and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import av
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from evaluation.generate import (
+    Checkpoint,
+    Generator,
+    Mp4Writer,
+    Request,
+    StreamingEncoder,
+    VideoSource,
+    resolve_checkpoint,
+    to_tensor,
+    to_uint8,
+)
+from infra import storage, tracking
+from infra.cli import main
+from infra.config import load_config
+from model.presets import get_preset
+from model.streaming import stream
+from model.text import build_text_encoder
+from model.vae import VAE, VAEConfig
+from pipelines.shapes_world import ShapeClip, encode_mp4, render
+from training.weights import save_model
+
+A = "a red circle bouncing left and right on a black background"
+B = "a blue square bouncing up and down on a black background"
+CLIP = ShapeClip("circle", "red", "black", "bouncing left and right", 1.5, 0.2)
+
+
+def write_student(root: Path) -> str:
+    """Complete `vae`, `latents` and `dmd` outputs holding a small random student (tiny preset's timing and sizes,
+    narrower networks); the student's VAE is reachable only through the latents manifest, as in the workflow."""
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    vae_out, latents_out, dmd_out = (str(root / stage / "f0") for stage in ("vae", "latents", "dmd"))
+    vae = VAE(VAEConfig(latent_channels=preset.vae.latent_channels, channels=(8, 8, 8), temporal_down=(True, True)))
+    save_model(storage.join(vae_out, "model.pt"), vae, kind="vae", preset="tiny", step=0)
+    dit = preset.build_dit(attention_mode="block_causal", dim=32, depth=2, heads=2, ffn_dim=64, freq_dim=32)
+    dit.initialize(adaln_zero=False)
+    save_model(storage.join(dmd_out, "model.pt"), dit, kind="dit", preset="tiny", step=0)
+    storage.write_manifest(vae_out, {"stage": "vae"})
+    storage.write_manifest(latents_out, {"stage": "latents", "summary": {"vae": storage.join(vae_out, "model.pt")}})
+    storage.write_manifest(dmd_out, {"stage": "dmd", "inputs": {"latents": latents_out, "teacher": str(root / "teacher")}})
+    return dmd_out
+
+
+@pytest.fixture(scope="session")
+def student_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("generate")
+    write_student(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def generator(student_root: Path) -> Generator:
+    torch.set_num_threads(1)
+    preset = get_preset("tiny")
+    encoder = build_text_encoder(preset.text_encoder, max_length=preset.text_len)
+    return Generator.load(str(student_root / "dmd" / "f0"), device="cpu", text_encoder=encoder)
+
+
+@pytest.fixture(scope="session")
+def input_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("inputs") / "clip.mp4"
+    path.write_bytes(encode_mp4(render(CLIP, size=64, fps=12, seconds=2.0), 12))
+    return path
+
+
+def test_checkpoint_resolves_from_folder_model_file_and_mlflow_run(student_root: Path, make_config) -> None:
+    folder = str(student_root / "dmd" / "f0")
+    vae = str(student_root / "vae" / "f0" / "model.pt")
+    expected = Checkpoint(str(Path(folder, "model.pt")), vae, folder)
+    assert resolve_checkpoint(folder) == expected
+    assert resolve_checkpoint(str(Path(folder, "model.pt"))) == expected
+    config = make_config()
+    tracking.configure(config)
+    with mlflow.start_run(tags={"causvid.output": folder}) as run:
+        pass
+    assert resolve_checkpoint(run.info.run_id, config=config) == expected
+
+
+def test_text_to_video_streams_each_chunk_as_it_completes(generator: Generator) -> None:
+    calls: list[int] = []
+    hook = generator.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        seen = [(len(calls), chunk) for chunk in generator.chunks(Request(A, seconds=2.5, seed=3))]
+    finally:
+        hook.remove()
+    per_chunk = len(calls) // len(seen)
+    assert per_chunk == len(get_preset("tiny").student_timesteps) + 1
+    assert [count for count, _ in seen] == [per_chunk * (i + 1) for i in range(len(seen))]
+    assert [len(chunk.frames) for _, chunk in seen] == [9, 12, 9]
+    assert [chunk.start for _, chunk in seen] == [0, 9, 21]
+    assert all(b.elapsed > a.elapsed for (_, a), (_, b) in zip(seen, seen[1:]))
+    assert seen[0][1].frames.shape[1:] == (64, 64, 3) and seen[0][1].frames.dtype == np.uint8
+    again = np.stack(list(generator.frames(Request(A, seconds=2.5, seed=3))))
+    assert np.array_equal(again, np.concatenate([chunk.frames for _, chunk in seen]))
+
+
+def test_dynamic_prompting_switches_text_from_that_chunk_on_and_keeps_the_cache(generator: Generator) -> None:
+    preset = generator.preset
+    dynamic = list(generator.chunks(Request(A, seconds=3.0, prompt_at=((1.5, B),), seed=7)))
+    plain = list(generator.chunks(Request(A, seconds=3.0, seed=7)))
+    switch = 1  # chunk 1 covers 0.75 s .. 1.75 s, so the caption changes there
+    assert [c.prompt for c in dynamic] == [A, B, B, B]
+    assert torch.equal(dynamic[0].latents, plain[0].latents)
+    for ours, theirs in zip(dynamic[switch:], plain[switch:]):
+        assert (ours.latents - theirs.latents).abs().max() > 1e-3
+
+    emb, mask = generator.text_encoder.encode([A, B])
+    texts = [(emb[0:1], mask[0:1]), (emb[1:2], mask[1:2])]
+    _, c, h, w = preset.latent_shape()
+    common = dict(latent_shape=(c, h, w), schedule=preset.schedule(), timesteps=preset.student_timesteps,
+                  window_chunks=preset.window_chunks, vae=generator.vae)
+    rng = torch.Generator().manual_seed(7)
+    first = list(stream(generator.model, texts[0], num_chunks=switch, generator=rng, **common))
+    reference = list(stream(
+        generator.model, lambda i: texts[0] if i < switch else texts[1], num_chunks=len(dynamic) - switch,
+        generator=rng, context=torch.cat([f.latents for f in first], dim=1), **common,
+    ))
+    assert [r.given for r in reference] == [True] * switch + [False] * (len(dynamic) - switch)
+    for ours, ref in zip(dynamic[switch:], reference[switch:]):
+        torch.testing.assert_close(ours.latents, ref.latents, atol=1e-4, rtol=1e-4)
+
+
+def test_image_to_video_starts_from_the_image_round_trip_held_in_the_cache(generator: Generator) -> None:
+    image = render(CLIP, size=64, fps=12, seconds=0.1)[0]
+    chunks = list(generator.chunks(Request(A, seconds=1.5, image=image, seed=1)))
+    assert chunks[0].given and len(chunks[0].frames) == 1 and sum(len(c.frames) for c in chunks) == 18
+    encoded = generator.vae.encode(to_tensor([image], torch.device("cpu")))
+    torch.testing.assert_close(chunks[0].latents, encoded)
+    round_trip = to_uint8(generator.vae.decode(encoded))[0]
+    assert np.abs(chunks[0].frames[0].astype(int) - round_trip.astype(int)).max() <= 1
+    assert np.abs(round_trip.astype(int) - image.astype(int)).mean() < 12
+
+    emb, mask = generator.text_encoder.encode([A])
+    preset = generator.preset
+    _, c, h, w = preset.latent_shape()
+    reference = list(stream(
+        generator.model, (emb, mask), num_chunks=len(chunks) - 1, latent_shape=(c, h, w), schedule=preset.schedule(),
+        timesteps=preset.student_timesteps, window_chunks=preset.window_chunks, vae=generator.vae,
+        generator=torch.Generator().manual_seed(1), context=encoded,
+    ))
+    torch.testing.assert_close(chunks[1].latents, reference[1].latents, atol=1e-4, rtol=1e-4)
+    other = list(generator.chunks(Request(A, seconds=1.5, image=255 - image, seed=1)))
+    assert (other[1].latents - chunks[1].latents).abs().max() > 1e-3
+
+
+def test_streaming_encoder_equals_whole_clip_encode(generator: Generator) -> None:
+    video = torch.rand(1, 1 + 4 * 8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    encoder = StreamingEncoder(generator.vae)
+    parts = [encoder.push(video[:, :9]), encoder.push(video[:, 9:21]), encoder.push(video[:, 21:])]
+    torch.testing.assert_close(torch.cat(parts, dim=1), generator.vae.encode(video), atol=1e-5, rtol=1e-5)
+
+
+def test_video_source_resamples_rate_and_size(tmp_path: Path) -> None:
+    frames = np.zeros((24, 32, 48, 3), np.uint8)
+    frames[:, :, :, 0] = np.arange(24)[:, None, None] * 10
+    path = tmp_path / "fast.mp4"
+    path.write_bytes(encode_mp4(frames, 24))
+    read = np.stack(list(VideoSource(path, fps=12, height=16, width=16)))
+    assert read.shape == (12, 16, 16, 3)
+    assert np.abs(read[:, 8, 8, 0].astype(int) - np.arange(0, 240, 20)).max() <= 3
+
+
+def test_video_to_video_consumes_a_growing_mp4_chunk_by_chunk(generator: Generator, tmp_path: Path) -> None:
+    source = render(CLIP, size=64, fps=12, seconds=3.0)
+    path = tmp_path / "live.mp4"
+    first_chunk_out = threading.Event()
+    log: list[str] = []
+
+    def write() -> None:
+        with Mp4Writer(path, 12, 64, 64) as writer:
+            writer.write(source[:24])
+            log.append("waited" if first_chunk_out.wait(timeout=120) else "timed out")
+            writer.write(source[24:])
+        log.append("closed")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    while not path.exists() or path.stat().st_size < 100:
+        time.sleep(0.02)
+    request = Request(B, video=path, strength=0.5, seed=2, idle_seconds=300)
+    live = []
+    for chunk in generator.chunks(request):
+        live.append(chunk)
+        if len(live) == 1:
+            log.append("first chunk")
+            first_chunk_out.set()
+    writer.join()
+    assert log == ["first chunk", "waited", "closed"]
+    assert sum(len(c.frames) for c in live) == len(source)
+    offline = list(generator.chunks(request))
+    assert len(offline) == len(live) == 4
+    for a, b in zip(live, offline):
+        assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
+    full = list(generator.chunks(Request(B, video=path, strength=1.0, seed=2)))
+    assert (full[0].latents - offline[0].latents).abs().max() > 1e-3
+
+
+def test_cli_generate_streams_an_mp4(student_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    image = tmp_path / "first.png"
+    from PIL import Image
+
+    Image.fromarray(render(CLIP, size=96, fps=12, seconds=0.1)[0]).save(image)
+    out = tmp_path / "out" / "video.mp4"
+    args = ["generate", "--checkpoint", str(student_root / "dmd" / "f0"), "--prompt", A, "--seconds", "1.5",
+            "--out", str(out), "--prompt-at", f"0.5:{B}", "--image", str(image), "--device", "cpu"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == str(out.resolve())
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 18 and frames[0].shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown-path", "unknown-run", "image", "video-garbage", "video-missing", "prompt-at", "strength-0", "strength-high"],
+)
+def test_cli_generate_bad_inputs_are_one_line_errors(
+    case: str, student_root: Path, input_mp4: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a picture or a video " * 40)
+    old = time.time() - 3600
+    os.utime(garbage, (old, old))
+    checkpoint = str(student_root / "dmd" / "f0")
+    base = ["generate", "--prompt", A, "--out", str(tmp_path / "o.mp4"), "--set", f"storage.root={tmp_path / 'root'}"]
+    extra = {
+        "unknown-path": ["--checkpoint", str(tmp_path / "nothing")],
+        "unknown-run": ["--checkpoint", "0123456789abcdef0123456789abcdef"],
+        "image": ["--checkpoint", checkpoint, "--image", str(garbage)],
+        "video-garbage": ["--checkpoint", checkpoint, "--video", str(garbage)],
+        "video-missing": ["--checkpoint", checkpoint, "--video", str(tmp_path / "missing.mp4")],
+        "prompt-at": ["--checkpoint", checkpoint, "--seconds", "4", "--prompt-at", f"4:{B}"],
+        "strength-0": ["--checkpoint", checkpoint, "--video", str(input_mp4), "--strength", "0"],
+        "strength-high": ["--checkpoint", checkpoint, "--video", str(input_mp4), "--strength", "1.5"],
+    }[case]
+    assert main(base + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("causvid: error: "), err
+    assert not (tmp_path / "o.mp4").exists()
+    keyword = {"unknown-path": "checkpoint", "unknown-run": "checkpoint", "image": "image", "video-garbage": "video",
+               "video-missing": "video", "prompt-at": "past the end", "strength-0": "strength", "strength-high": "strength"}
+    assert keyword[case] in err
