@@ -107,7 +107,7 @@ def resolve_checkpoint(checkpoint: str, *, vae: str | None = None, config: Pipel
     output: str | None
     if checkpoint.endswith(".pt") and storage.exists(checkpoint):
         model_uri = storage.normalize(checkpoint)
-        parent = str(Path(model_uri).parent) if not storage.is_s3(model_uri) else model_uri.rsplit("/", 1)[0]
+        parent = model_uri.rsplit("/", 1)[0]
         output = parent if storage.is_complete(parent) else None
     elif storage.exists(checkpoint):
         output = storage.normalize(checkpoint)
@@ -119,6 +119,8 @@ def resolve_checkpoint(checkpoint: str, *, vae: str | None = None, config: Pipel
     elif RUN_ID.match(checkpoint):
         output = _run_output(checkpoint, config or PipelineConfig())
         model_uri = storage.join(output, MODEL_FILE)
+        if not storage.exists(model_uri):
+            raise UserError(f"MLflow run {checkpoint} wrote no {MODEL_FILE} (output {output})")
     else:
         raise UserError(f"unknown checkpoint {checkpoint!r}: not a stage output, a {MODEL_FILE} or an MLflow run id")
     vae_uri = vae or (_vae_of_output(output) if output else None)
@@ -177,23 +179,28 @@ def fit_frame(picture: Image.Image, height: int, width: int) -> np.ndarray:
     return np.asarray(picture, dtype=np.uint8)
 
 
+def requested_seconds(request: Request) -> float | None:
+    """The length asked for: ``seconds``, else 30 s, else (with a video input) None for the whole input."""
+    if request.seconds is not None or request.video is not None:
+        return request.seconds
+    return DEFAULT_SECONDS
+
+
 def validate(request: Request) -> None:
     """Every mistake in a request that can be seen before generating, as one UserError line."""
     if request.image is not None and request.video is not None:
         raise UserError("--image and --video cannot be combined")
     if request.seconds is not None and not request.seconds > 0:
         raise UserError(f"--seconds must be positive, got {request.seconds:g}")
+    if not 0.0 < request.strength <= 1.0:
+        raise UserError(f"--strength must be in (0, 1], got {request.strength:g}")
+    length = requested_seconds(request)
     if request.video is not None:
-        if not 0.0 < request.strength <= 1.0:
-            raise UserError(f"--strength must be in (0, 1], got {request.strength:g}")
-        VideoSource(request.video, fps=1, height=8, width=8, idle_seconds=request.idle_seconds).check()
+        source = VideoSource(request.video, fps=1, height=8, width=8, idle_seconds=request.idle_seconds)
+        source.check()
+        length = length if length is not None else source.finished_seconds()
     if request.image is not None and not isinstance(request.image, np.ndarray):
         read_image(request.image, 8, 8)
-    length = request.seconds
-    if length is None and request.video is None:
-        length = DEFAULT_SECONDS
-    if length is None and request.video is not None:
-        length = VideoSource(request.video, 1, 8, 8, request.idle_seconds).finished_seconds()
     for at, _ in request.prompt_at:
         if length is not None and at >= length:
             raise UserError(f"--prompt-at {at:g} is past the end of the video ({length:g} s)")
@@ -318,18 +325,19 @@ class VideoSource:
     def __iter__(self) -> Iterator[np.ndarray]:
         """``[height, width, 3]`` uint8 frames, one per output instant."""
         self.check()
-        if not writer_finished(self.path, self.idle_seconds):
-            while not _streamable(self.path) and not writer_finished(self.path, self.idle_seconds):
-                time.sleep(0.1)
+        while not writer_finished(self.path, self.idle_seconds) and not _streamable(self.path):
+            time.sleep(0.1)
         growing = not writer_finished(self.path, self.idle_seconds)
         container = self._open(GrowingFile(self.path, self.idle_seconds) if growing else self.path)
         with container:
+            if not container.streams.video:
+                raise UserError(f"cannot read video {self.path}: it has no video stream")
             stream = container.streams.video[0]
             source_rate = float(stream.guessed_rate or stream.average_rate or self.fps)
             start, previous, previous_time = None, None, 0.0
             try:
-                for frame in container.decode(stream):
-                    t = float(frame.time) if frame.time is not None else self.frames_read / source_rate
+                for decoded, frame in enumerate(container.decode(stream)):
+                    t = float(frame.time) if frame.time is not None else decoded / source_rate
                     start = t if start is None else start
                     if previous is not None:
                         yield from self._repeat(previous, t - start)
@@ -413,7 +421,8 @@ class Generator:
     """A student, its VAE and the text encoder, ready to stream any of the four modes (see :class:`Request`)."""
 
     def __init__(self, model: DiT, vae: VAE, preset: Preset, text_encoder: TextEncoder) -> None:
-        self.model, self.vae, self.preset, self.text_encoder = model.eval(), vae.eval(), preset, text_encoder
+        self.model, self.vae = model.eval().requires_grad_(False), vae.eval().requires_grad_(False)
+        self.preset, self.text_encoder = preset, text_encoder
         self.device = next(model.parameters()).device
 
     @classmethod
@@ -470,7 +479,7 @@ class Generator:
             image = read_image(request.image, p.height, p.width)
             context = self.vae.encode(to_tensor([image], self.device))
         offset = 0 if context is None else 1
-        seconds = request.seconds if request.seconds is not None or request.video else DEFAULT_SECONDS
+        seconds = requested_seconds(request)
         wanted = None if seconds is None else max(1, int(round(seconds * p.fps)))
         num_chunks = UNBOUNDED if wanted is None else math.ceil((1 + math.ceil((wanted - 1) / tf) - offset) / k)
 
@@ -514,6 +523,8 @@ class Generator:
         if pending:
             pending += [pending[-1]] * (need - len(pending))
             yield encoder.push(to_tensor(pending, self.device))
+        if not source.frames_read:
+            raise UserError(f"cannot read video {source.path}: no frames")
 
     def _stream(self, plan: _Plan, started: float, seed: int) -> Iterator[Frames]:
         _, c, h, w = self.preset.latent_shape()
@@ -532,14 +543,13 @@ class Generator:
             input_timestep=plan.input_timestep,
         )
         written = 0
-        with torch.no_grad():
-            for chunk in rollout:
-                assert chunk.video is not None
-                total = plan.total_frames()
-                frames = to_uint8(chunk.video)[: None if total is None else max(0, total - written)]
-                elapsed = time.perf_counter() - started
-                yield Frames(chunk.index, written, frames, chunk.latents, chunk.given, plan.captions(chunk.index), elapsed)
-                written += len(frames)
+        for chunk in rollout:
+            assert chunk.video is not None
+            total = plan.total_frames()
+            frames = to_uint8(chunk.video)[: None if total is None else max(0, total - written)]
+            elapsed = time.perf_counter() - started
+            yield Frames(chunk.index, written, frames, chunk.latents, chunk.given, plan.captions(chunk.index), elapsed)
+            written += len(frames)
 
 
 class Mp4Writer:
@@ -592,8 +602,7 @@ def write_mp4(generator: Generator, request: Request, out: str | Path, *, progre
 
     p = generator.preset
     chunks: list[Frames] = []
-    seconds = request.seconds if request.seconds is not None or request.video else DEFAULT_SECONDS
-    bar = tqdm(total=seconds, unit="s", desc="generate", disable=not progress, file=sys.stderr, bar_format=BAR)
+    bar = tqdm(total=requested_seconds(request), unit="s", desc="generate", disable=not progress, file=sys.stderr, bar_format=BAR)
     with bar, Mp4Writer(out, p.fps, p.height, p.width) as writer:
         for chunk in generator.chunks(request):
             writer.write(chunk.frames)

@@ -239,6 +239,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     clip = ClipScorer.from_checkpoint(cfg.clip_checkpoint)
     summary["clip_metrics"] = clip is not None
     _publish(ctx, per_second, summary, results)
+    if cfg.applications:
+        from evaluation.applications import run_applications
+
+        run_applications(ctx)
     return {
         "counts": {"rollouts": len(results), "models": len(per_second), "prompts": len(prompts)},
         "summary": {

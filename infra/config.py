@@ -197,6 +197,14 @@ class EvaluateConfig(Section):
     ]
     causal_teacher_steps: int = Field(default=16, ge=1, description="Euler steps per chunk of the causal teacher.")
     clip_checkpoint: str | None = Field(default=None, description="Local open_clip weights; CLIP metrics are skipped without.")
+    applications: bool = Field(
+        default=True, description="Measure the DMD student's zero-shot applications (applications.json, applications/...)."
+    )
+    applications_prompts: int = Field(default=2, ge=1, description="Held-out prompts per application.")
+    applications_seconds: float = Field(
+        default=8.0, gt=0, description="Length of each application rollout; dynamic prompting switches halfway."
+    )
+    applications_strength: float = Field(default=0.5, gt=0, le=1, description="Video-to-video noise strength.")
 
 
 class PipelineConfig(Section):
