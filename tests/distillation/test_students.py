@@ -10,7 +10,7 @@ import torch
 
 from infra import storage, tracking
 from model.presets import get_preset
-from pipelines.workflow import run_stages
+from pipelines.workflow import plan, run_stages
 from training.harness import MODEL_FILE
 from training.weights import load_model
 
@@ -36,7 +36,7 @@ def test_ode_init_then_dmd(world) -> None:
     alignment = storage.read_json(storage.join(outputs["ode_init"], "eval", "alignment.json"))
     assert alignment["prompts"] == 2 and alignment["steps"] == len(TIMESTEPS)
     assert 0.0 <= alignment["color_accuracy"] <= 1.0
-    teacher = load_model(storage.join(outputs["teacher"], MODEL_FILE), mode="block_causal")
+    teacher = load_model(storage.join(plan(config).output_uri("teacher"), MODEL_FILE), mode="block_causal")
     student = load_model(storage.join(outputs["ode_init"], MODEL_FILE), mode="block_causal")
     assert weights_differ(teacher, student)
     history = mlflow.MlflowClient().get_metric_history(ode["mlflow_run_id"], "loss")
@@ -48,6 +48,9 @@ def test_ode_init_then_dmd(world) -> None:
     metrics = mlflow.get_run(dmd["mlflow_run_id"]).data.metrics
     assert {"generator_loss", "critic_loss", "dmd_grad_norm"} <= set(metrics)
     assert metrics["dmd_grad_norm"] > 0 and any(k.startswith("critic_loss_t") for k in metrics)
+    client = mlflow.MlflowClient()
+    updates = {name: [m.value for m in client.get_metric_history(dmd["mlflow_run_id"], name)] for name in ("generator_updates", "critic_updates")}
+    assert updates == {"generator_updates": [1.0, 2.0], "critic_updates": [3.0, 6.0]}
     generator = load_model(storage.join(outputs["dmd"], MODEL_FILE), mode="block_causal")
     assert weights_differ(student, generator)
 

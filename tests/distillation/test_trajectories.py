@@ -60,11 +60,15 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
+# One prompt per shard and a longer solve, so that the kill lands between shards.
+KILL = ("trajectories.rows_per_shard=1", "trajectories.ode_steps=24")
+
+
 def test_killed_run_resumes_exactly(world, world_root: Path, world_settings: dict) -> None:
-    config = world()
+    config = world(*KILL)
     tracking.configure(config)
     out = plan(config).output_uri("trajectories")
-    process = start_stage(world_root, world_settings["overrides"])
+    process = start_stage(world_root, (*world_settings["overrides"], *KILL))
     deadline = time.time() + 240
     try:
         while not storage.list_files(out, ".parquet"):
@@ -74,11 +78,11 @@ def test_killed_run_resumes_exactly(world, world_root: Path, world_settings: dic
     finally:
         kill_tree(process)
     survived = storage.list_files(out, ".parquet")
-    assert 1 <= len(survived) < 4 and not storage.is_complete(out)
+    assert 1 <= len(survived) < 8 and not storage.is_complete(out)
 
     uri = run_stages(config, ["trajectories"])["trajectories"]
     manifest = storage.read_manifest(uri)
-    assert manifest["counts"] == {"rows": 8, "shards": 4, "shards_computed": 4 - len(survived), "shards_skipped": len(survived)}
+    assert manifest["counts"] == {"rows": 8, "shards": 8, "shards_computed": 8 - len(survived), "shards_skipped": len(survived)}
     table = storage.read_parquet(storage.join(uri, trajectories.shard_name(0)))
     assert table.schema == trajectories.TRAJECTORY_SCHEMA
     rows = [storage.read_parquet(f).to_pydict() for f in storage.list_files(uri, ".parquet")]
@@ -86,7 +90,7 @@ def test_killed_run_resumes_exactly(world, world_root: Path, world_settings: dic
     assert indices == list(range(8))
     first = rows[0]
     assert first["teacher"][0] == plan(config).fingerprints["teacher"] and first["teacher_run"][0] == world_settings["teacher_run"]
-    assert (first["solver"][0], first["ode_steps"][0], first["cfg_scale"][0], first["dtype"][0]) == ("euler", 6, 3.0, "float32")
+    assert (first["solver"][0], first["ode_steps"][0], first["cfg_scale"][0], first["dtype"][0]) == ("euler", 24, 3.0, "float32")
     assert first["timesteps"][0] == [1000, 750, 500, 250] and first["shift"][0] == 3.0
 
     tracking.configure(config)
@@ -97,7 +101,7 @@ def test_killed_run_resumes_exactly(world, world_root: Path, world_settings: dic
     before = {f: os.path.getmtime(f) for f in storage.list_files(uri, ".parquet")}
     assert run_stages(config, ["trajectories"])["trajectories"] == uri
     assert {f: os.path.getmtime(f) for f in storage.list_files(uri, ".parquet")} == before
-    assert plan(world("teacher.lr=1e-3")).fingerprints["trajectories"] != plan(config).fingerprints["trajectories"]
+    assert plan(world(*KILL, "teacher.lr=1e-3")).fingerprints["trajectories"] != plan(config).fingerprints["trajectories"]
 
 
 def test_states_match_a_direct_euler_solve(world) -> None:

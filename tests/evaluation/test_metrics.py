@@ -60,5 +60,19 @@ def test_partial_seconds_are_dropped() -> None:
     assert all(len(values) == 2 for values in metrics.weight_free_metrics(frames, FPS).values())
 
 
-def test_clip_metrics_are_skipped_without_weights() -> None:
-    assert metrics.ClipScorer.from_checkpoint(None) is None
+def test_clip_scores_are_per_second_and_consistency_follows_the_first_frame() -> None:
+    """Mechanics only: an untrained open_clip model (the stage refuses to score without real weights)."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
+    scorer = metrics.ClipScorer(model, preprocess, open_clip.get_tokenizer("ViT-B-32"))
+    steady = np.repeat(render(CLIP, seconds=1.0)[:1], 3 * FPS, axis=0)
+    out = scorer.per_second(steady, FPS, CLIP.caption)
+    assert out["clip_first_frame_consistency"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)
+    assert len(out["clip_text_alignment"]) == 3 and len(set(np.round(out["clip_text_alignment"], 5))) == 1
+    changed = steady.copy()
+    changed[2 * FPS :] = 255 - changed[2 * FPS :]
+    after = scorer.per_second(changed, FPS, CLIP.caption)["clip_first_frame_consistency"]
+    assert after[:2] == pytest.approx([1.0, 1.0], abs=1e-4) and after[2] < 0.99

@@ -53,6 +53,7 @@ def test_evaluate_stage_writes_curves_summary_videos_and_mlflow(evaluated: tuple
     for key in ("color_acc", "shape_acc", "motion_acc", "persistence", "crispness", "temporal_flickering"):
         assert 0.0 <= student[key] <= 1.0, key
     assert set(student["drift_ratio"]) >= {"color_acc", "sharpness", "temporal_flickering"}
+    assert summary["clip_metrics"] is False and not any(key.startswith("clip_") for key in student)
     per_second = storage.read_json(storage.join(uri, "per_second.json"))
     assert len(per_second["dmd_student"]["sharpness"]) == SECONDS
     teacher_clip_seconds = get_preset("tiny").clip_frames // get_preset("tiny").fps
@@ -101,3 +102,10 @@ def test_dashboard_embeds_plots_tables_and_videos(
     assert "last 5 s / first 5 s" in page
     assert main(["dashboard", *root, "--out", str(out), "--runs", "not-a-run"]) == 2
     assert "not-a-run" in capsys.readouterr().err
+
+
+def test_a_missing_clip_checkpoint_is_one_line(evaluated: tuple[PipelineConfig, str], capsys: pytest.CaptureFixture) -> None:
+    config, _ = evaluated
+    args = ["stage", "evaluate", "--set", f"storage.root={config.storage.root}", "--set", "evaluate.clip_checkpoint=nowhere.pt"]
+    assert main(args) == 2
+    assert "evaluate.clip_checkpoint: no file at nowhere.pt" in capsys.readouterr().err

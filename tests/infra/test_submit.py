@@ -78,7 +78,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
                 _stop(process)
 
 
-def _wait_for_nodes(address: str, count: int, env: dict[str, str], timeout: float = 120) -> None:
+def _wait_for_nodes(address: str, count: int, env: dict[str, str], timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], env=env, capture_output=True, text=True)

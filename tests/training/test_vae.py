@@ -27,16 +27,17 @@ def test_roundtrip_shape_and_psnr_after_short_training() -> None:
     with torch.no_grad():
         assert objective.vae.encode(pixels_to_video(torch.from_numpy(pixels))).shape == (4, 2, 8, 8, 8)
     before = psnr(objective.vae, pixels)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
     video = pixels_to_video(torch.from_numpy(pixels))
     objective.train()
-    for _ in range(25):
+    for _ in range(50):
         loss, recon, kl, edge = objective(video)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     after = psnr(objective.vae, pixels)
-    assert after > 12.0 and after > before + 5.0, (before, after)
+    # The average-pool initialisation already reconstructs flat colours (22 dB here); training sharpens edges.
+    assert before > 20.0 and after > before + 0.8, (before, after)
 
 
 def test_psnr_of_known_error() -> None:
