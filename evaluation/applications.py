@@ -28,6 +28,7 @@ from evaluation.generate import Frames, Generator, Request, timing
 from evaluation.oracle import classify_motion, detect_frames
 from infra import storage
 from pipelines.shapes_world import MOTIONS, OBJECT_COLORS, SHAPES, ShapeClip, encode_mp4, heldout_prompts, render
+from pipelines.workflow import StageContext
 
 log = logging.getLogger("causvid")
 
@@ -74,6 +75,20 @@ def follow_curves(
         curves["follow"].append(float((color & shape).mean() * motion))
         curves["old_color"].append(float(np.mean([c == old["color"] for c in det.color[window]])))
     return curves
+
+
+def follow_summary(curves: dict[str, list[float]], threshold: float = 0.5) -> dict[str, float | None]:
+    """Scalars of the follow curves: the mean follow rate, the whole seconds after the switch before it first
+    reaches ``threshold``, and the most frames showing the old colour in any later second (None where the
+    rollout never follows, so that JSON and MLflow carry no NaN)."""
+    follow = curves["follow"]
+    reached = [i for i, value in enumerate(follow) if value >= threshold]
+    later = curves["old_color"][reached[0] :] if reached else []
+    return {
+        "follow_mean": float(np.mean(follow)) if follow else None,
+        "seconds_to_follow": float(reached[0]) if reached else None,
+        "old_color_after_follow": float(max(later)) if later else None,
+    }
 
 
 def image_keeping(frames: np.ndarray, fps: float, image: np.ndarray, expected: dict[str, str]) -> dict[str, float]:
@@ -158,10 +173,11 @@ def measure(
             frames, timed = _run(generator, request)
             speed["video_to_video"].append(timed)
             videos.append({**recolouring(source, frames, target.color, target.shape), "strength": strength})
+    curves = _mean_curves(dynamic)
     return {
         "prompts": num_prompts,
         "seconds": seconds,
-        "dynamic_prompting": {"switch_second": switch_second, **_mean_curves(dynamic)},
+        "dynamic_prompting": {"switch_second": switch_second, **curves, **follow_summary(curves)},
         "image_to_video": _mean(images),
         "video_to_video": _mean(videos),
         "speed": {mode: _mean(rows) for mode, rows in speed.items()},
@@ -224,7 +240,7 @@ def log_figures(figures: dict[str, Any]) -> None:
     mlflow.log_dict(figures, "applications.json")
 
 
-def run_applications(ctx: Any) -> dict[str, Any]:
+def run_applications(ctx: StageContext) -> dict[str, Any]:
     """The evaluate stage's applications section for the DMD student: a Ray task measures, the driver writes
     ``applications.json`` beside ``summary.json`` and logs to the stage's MLflow run."""
     import ray

@@ -16,12 +16,9 @@ Definitions (higher is better unless noted):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
-
-log = logging.getLogger("causvid")
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 MOTION_THRESHOLD = 8.0
@@ -111,18 +108,15 @@ def weight_free_metrics(frames: np.ndarray, fps: float) -> dict[str, list[float]
 class ClipScorer:
     """CLIP text alignment and consistency with the first frame, from a local open_clip checkpoint only.
 
-    Random-weight CLIP scores mean nothing, so without a checkpoint `from_checkpoint` returns None
-    (and says so once) and the caller leaves those metrics out.
+    Random-weight CLIP scores mean nothing, so the evaluation computes these only when a checkpoint is
+    configured, and otherwise says so once and leaves them out.
     """
 
     def __init__(self, model, preprocess, tokenizer) -> None:
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | None, arch: str = "ViT-B-32") -> ClipScorer | None:
-        if not checkpoint:
-            log.info("no CLIP checkpoint configured (evaluate.clip_checkpoint): CLIP metrics are skipped")
-            return None
+    def from_checkpoint(cls, checkpoint: str, arch: str = "ViT-B-32") -> ClipScorer:
         import open_clip
 
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)

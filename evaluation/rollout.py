@@ -27,6 +27,7 @@ from evaluation import drift
 from evaluation.metrics import ClipScorer, weight_free_metrics
 from evaluation.oracle import score_video
 from infra import storage
+from infra.errors import UserError
 from pipelines.workflow import StageContext
 
 log = logging.getLogger("causvid")
@@ -57,6 +58,7 @@ class RolloutSpec:
     seed: int
     causal_teacher_steps: int
     guidance_scale: float
+    clip_checkpoint: str | None = None
 
 
 def frames_uint8(video: torch.Tensor) -> np.ndarray:
@@ -126,6 +128,9 @@ def rollout_task(spec: RolloutSpec, output_uri: str, fps: int) -> dict[str, Any]
     from pipelines.shapes_world import encode_mp4
 
     frames, seconds = render(spec)
+    curves = score(frames, fps, spec.expected)
+    if spec.clip_checkpoint:
+        curves.update(ClipScorer.from_checkpoint(spec.clip_checkpoint).per_second(frames, fps, spec.caption))
     name = f"{spec.model}_{spec.prompt_index:03d}"
     storage.write_bytes(storage.join(output_uri, "videos", f"{name}.mp4"), encode_mp4(frames, fps))
     storage.write_bytes(storage.join(output_uri, "videos", f"{name}.png"), contact_sheet(frames, fps))
@@ -133,7 +138,7 @@ def rollout_task(spec: RolloutSpec, output_uri: str, fps: int) -> dict[str, Any]
         "model": spec.model,
         "prompt_index": spec.prompt_index,
         "caption": spec.caption,
-        "curves": score(frames, fps, spec.expected),
+        "curves": curves,
         "render_seconds": seconds,
         "frames": len(frames),
     }
@@ -206,6 +211,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.config.evaluate
     preset = get_preset(ctx.config.model.preset)
     prompts = _prompts(ctx)
+    if not cfg.clip_checkpoint:
+        log.info("no CLIP checkpoint configured (evaluate.clip_checkpoint): CLIP metrics are skipped")
+    elif not storage.exists(cfg.clip_checkpoint):
+        raise UserError(f"evaluate.clip_checkpoint: no file at {cfg.clip_checkpoint}; give a local open_clip checkpoint")
     vae_uri = storage.join(ctx.inputs["vae"], "model.pt")
     specs = [
         RolloutSpec(
@@ -222,6 +231,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             seed=cfg.seed + i,
             causal_teacher_steps=cfg.causal_teacher_steps,
             guidance_scale=preset.guidance_scale,
+            clip_checkpoint=cfg.clip_checkpoint,
         )
         for model, stage in MODEL_INPUTS.items()
         if model in cfg.models
@@ -236,8 +246,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     results.sort(key=lambda r: (list(MODEL_INPUTS).index(r["model"]), r["prompt_index"]))
     per_second = mean_curves(results)
     summary = summarize(per_second, results)
-    clip = ClipScorer.from_checkpoint(cfg.clip_checkpoint)
-    summary["clip_metrics"] = clip is not None
+    summary["clip_metrics"] = bool(cfg.clip_checkpoint)
     _publish(ctx, per_second, summary, results)
     if cfg.applications:
         from evaluation.applications import run_applications

@@ -163,7 +163,10 @@ def render(clip: ShapeClip, size: int = 64, fps: int = 12, seconds: float = 10.0
 
 
 def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
-    """H.264 (yuv420p) MP4 bytes of `frames: [T, H, W, 3] uint8` (even H and W), one keyframe per second."""
+    """H.264 (yuv420p) MP4 bytes of `frames: [T, H, W, 3] uint8` (even H and W), one keyframe per second.
+
+    The frames are converted to yuv420p before they reach the encoder: the encoder's own conversion gave bytes
+    that varied from process to process, and the synthetic stage promises the same files on every run."""
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -171,7 +174,8 @@ def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": "fast", "g": str(fps), "threads": "1"}
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            for packet in stream.encode(yuv):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -11,6 +11,7 @@ import pytest
 
 from evaluation.applications import (
     follow_curves,
+    follow_summary,
     image_keeping,
     log_figures,
     recoloured,
@@ -40,6 +41,11 @@ def test_follow_rate_is_one_from_the_switch_on_and_zero_before() -> None:
     assert whole["old_color"] == [1.0, 1.0, 0.0, 0.0, 0.0]
     halfway = follow_curves(video, FPS, 1.5, new.attributes(), CLIP.attributes())
     assert halfway["color"] == [0.5, 1.0, 1.0]
+    assert follow_summary(whole) == {"follow_mean": 0.6, "seconds_to_follow": 2.0, "old_color_after_follow": 0.0}
+    late = follow_summary({"follow": [0.0, 0.75, 0.25], "old_color": [1.0, 0.0, 0.5]})
+    assert late == {"follow_mean": pytest.approx(1 / 3), "seconds_to_follow": 1.0, "old_color_after_follow": 0.5}
+    never = follow_summary({"follow": [0.0, 0.25], "old_color": [1.0, 1.0]})
+    assert never == {"follow_mean": 0.125, "seconds_to_follow": None, "old_color_after_follow": None}
 
 
 def test_image_keeping_on_the_rendered_clip_and_a_recoloured_one() -> None:
@@ -114,6 +120,7 @@ def test_evaluate_applications_section_on_a_student(ray_local: None, make_config
         assert figures["speed"][mode]["latency_s"] > 0 and figures["speed"][mode]["fps"] > 0
         assert figures["speed"][mode]["frames"] == 24
     assert len(figures["dynamic_prompting"]["follow"]) == 1
+    assert figures["dynamic_prompting"]["follow_mean"] == figures["dynamic_prompting"]["follow"][0]
     assert 0.0 <= figures["video_to_video"]["recolor_rate"] <= 1.0
     metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     assert metrics["applications/speed/video_to_video/fps"] == figures["speed"]["video_to_video"]["fps"]

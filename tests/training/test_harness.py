@@ -107,7 +107,7 @@ def test_zero0_loss_falls_and_logs_to_mlflow(tmp_path: Path, latents_uri: str) -
 
 def test_killed_worker_resumes_from_last_checkpoint(tmp_path: Path, latents_uri: str) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.MlflowClient().create_run(mlflow.create_experiment("resume"))
+    run = mlflow.MlflowClient().create_run(mlflow.create_experiment("resume", artifact_location=(tmp_path / "art").as_uri()))
     result = run_teacher(
         tmp_path, latents_uri, "teacher.zero_stage=2", "teacher.num_workers=2", "teacher.steps=8",
         "teacher.checkpoint_every=3", "teacher.log_every=1", "teacher.max_failures=1",
