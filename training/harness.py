@@ -178,6 +178,15 @@ def full_state_dict(engine: Any, zero_stage: int, is_rank0: bool) -> dict[str, T
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if is_rank0 else None
 
 
+def _crash_after_reports_are_collected() -> None:
+    """The resume test's crash: SIGKILL once Ray Train's controller has polled the reports made so far (it polls
+    every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), as for a crash well after a checkpoint; a kill
+    right after a report can lose it, and the run then rightly restarts from the checkpoint before."""
+    interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+    time.sleep(3 * interval)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class _Logger:
     """Rank 0's sink: console lines, MLflow metrics, MP4 and weights artifacts of the stage's run."""
 
@@ -334,7 +343,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             if batch is None:
                 raise ValueError(f"{job.name}: the dataset shard has fewer rows than one batch of {section.batch_size}")
         if job.kill_at_step is not None and step == job.kill_at_step and rank == job.kill_rank and resumed_from is None:
-            os.kill(os.getpid(), signal.SIGKILL)
+            _crash_after_reports_are_collected()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         values = job.task.train_step(step, batch, engines, frozen)
         for key, value in values.items():
