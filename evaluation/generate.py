@@ -389,7 +389,7 @@ class StreamingEncoder:
                 h = self._down(level["down"], h)
         h = encoder.conv_out(encoder.mid(h, self.cache), self.cache)
         mean = h[:, : cfg.latent_channels] if cfg.kl else h
-        return rearrange(mean, "b c f h w -> b f c h w") * cfg.scale
+        return self.vae.normalize(rearrange(mean, "b c f h w -> b f c h w"))
 
 
 def to_tensor(frames: np.ndarray | list[np.ndarray], device: torch.device) -> Tensor:

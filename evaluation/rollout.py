@@ -76,7 +76,7 @@ def render(spec: RolloutSpec) -> tuple[np.ndarray, float]:
     torch.set_num_threads(1)
     preset = get_preset(spec.preset)
     vae = load_model(spec.vae_uri)
-    text = (torch.from_numpy(spec.text_emb)[None], torch.from_numpy(spec.text_mask)[None])
+    text = (torch.tensor(spec.text_emb)[None], torch.tensor(spec.text_mask)[None])  # copies: Ray hands read-only arrays
     generator = torch.Generator().manual_seed(spec.seed)
     schedule = preset.schedule()
     started = time.perf_counter()

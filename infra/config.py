@@ -118,6 +118,7 @@ class VaeConfig(TrainConfig):
     edge_weight: float = Field(default=0.5, ge=0, description="L1 on spatial gradients; keeps object edges crisp.")
     train_frames: int = Field(default=9, ge=1)
     eval_clips: int = Field(default=16, ge=1, description="Held-out clips for PSNR and oracle accuracy.")
+    stats_clips: int = Field(default=64, ge=2, description="Training clips that measure the latent mean and std.")
     latent_batch_size: int = Field(default=8, ge=1, description="Clips per batch in the `latents` encoding job.")
 
 

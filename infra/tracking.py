@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -143,3 +144,13 @@ def log_to_run(tracking: str, run_id: str) -> MlflowClient:
     """A client for logging into an existing run from another process (a Ray worker)."""
     _set_tracking_uri_keeping_env(tracking)
     return MlflowClient(tracking_uri=tracking)
+
+
+def log_file_artifact(tracking: str | None, run_id: str | None, file_uri: str, artifact_path: str) -> None:
+    """Log one stored file (local or S3) as an artifact of an existing run; a later call replaces the same name."""
+    if not (tracking and run_id):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp, Path(file_uri).name)
+        local.write_bytes(storage.read_bytes(file_uri))
+        log_to_run(tracking, run_id).log_artifact(run_id, str(local), artifact_path)

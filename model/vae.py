@@ -6,6 +6,11 @@ with zeros on the past side only) and every normalisation is per position (RMS o
 frame's pixels depend only on it and earlier latent frames. Decoding can therefore stream: a
 :class:`StreamingDecoder` keeps the last inputs of each causal convolution and turns latent frames into pixel
 frames as they arrive (1 pixel frame for latent frame 0, then 4 per latent frame), equal to a whole-clip decode.
+
+Latents leave ``encode`` normalised per channel, ``(z - latent_mean) / latent_std``, and ``decode`` undoes it, as
+Wan2.1's VAE does: the diffusion models noise them with unit-variance noise, so raw latents whose channels spread
+0.02 to 0.3 would drown in it. The statistics are buffers measured once on training clips after the VAE is
+trained (:meth:`VAE.set_latent_stats`) and travel with its weights.
 """
 
 from __future__ import annotations
@@ -24,14 +29,13 @@ ConvCache = dict[nn.Module, Tensor]
 @dataclass(frozen=True)
 class VAEConfig:
     """Channel widths per resolution level; each level but the last halves space, ``temporal_down`` says which
-    also halve time (two of them for x4). ``kl`` adds a Gaussian posterior; ``scale`` maps latents to ~unit std."""
+    also halve time (two of them for x4). ``kl`` adds a Gaussian posterior."""
 
     latent_channels: int = 16
     channels: tuple[int, ...] = (96, 192, 384, 384)
     temporal_down: tuple[bool, ...] = (False, True, True)
     res_blocks: int = 1
     kl: bool = True
-    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if len(self.temporal_down) != len(self.channels) - 1:
@@ -195,6 +199,8 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
         self.initialize()
 
     def initialize(self, noise: float = 0.02) -> None:
@@ -227,43 +233,71 @@ class VAE(nn.Module):
             nn.init.zeros_(logvar.weight[self.cfg.latent_channels :])
             nn.init.constant_(logvar.bias[self.cfg.latent_channels :], -6.0)
 
-    def encode_distribution(self, video: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior ``(mean, logvar)`` of scaled latents, each ``[B, F, C, h, w]`` (logvar = -inf without KL)."""
+    def _posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw (unnormalised) posterior ``(mean, logvar)``, each ``[B, F, C, h, w]`` (logvar = -inf without KL)."""
         self.cfg.latent_frames(video.shape[1])
         h = rearrange(self.encoder(rearrange(video, "b t c h w -> b c t h w")), "b c f h w -> b f c h w")
         if not self.cfg.kl:
-            return h * self.cfg.scale, torch.full_like(h, float("-inf"))
+            return h, torch.full_like(h, float("-inf"))
         mean, logvar = h.chunk(2, dim=2)
-        return mean * self.cfg.scale, logvar.clamp(-30.0, 20.0) + 2 * torch.log(torch.tensor(self.cfg.scale))
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def _channels(self, stat: Tensor, like: Tensor) -> Tensor:
+        return stat.to(like).reshape(1, 1, -1, 1, 1)
+
+    def normalize(self, raw: Tensor) -> Tensor:
+        """Raw latents ``[B, F, C, h, w]`` -> the normalised latents every other model sees."""
+        return (raw - self._channels(self.latent_mean, raw)) / self._channels(self.latent_std, raw)
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        return latents * self._channels(self.latent_std, latents) + self._channels(self.latent_mean, latents)
+
+    @torch.no_grad()
+    def set_latent_stats(self, raw: Tensor) -> None:
+        """Per-channel mean and std of raw posterior means ``[N, F, C, h, w]`` (see the module docstring)."""
+        per_channel = rearrange(raw.double(), "n f c h w -> c (n f h w)")
+        self.latent_mean.copy_(per_channel.mean(dim=1))
+        self.latent_std.copy_(per_channel.std(dim=1).clamp_min(1e-6))
+
+    def encode_distribution(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior ``(mean, logvar)`` of normalised latents, each ``[B, F, C, h, w]``."""
+        mean, logvar = self._posterior(video)
+        return self.normalize(mean), logvar - 2 * torch.log(self._channels(self.latent_std, logvar))
 
     def encode(self, video: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Latents ``[B, F, C, h, w]``: the posterior mean, or a sample when ``sample`` (KL only)."""
+        """Normalised latents ``[B, F, C, h, w]``: the posterior mean, or a sample when ``sample`` (KL only)."""
         mean, logvar = self.encode_distribution(video)
         if not sample or not self.cfg.kl:
             return mean
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + (0.5 * logvar).exp() * noise
 
+    def encode_raw(self, video: Tensor) -> Tensor:
+        """Unnormalised posterior means ``[B, F, C, h, w]``, for :meth:`set_latent_stats`."""
+        return self._posterior(video)[0]
+
+    def _decode_raw(self, raw: Tensor) -> Tensor:
+        return rearrange(self.decoder(rearrange(raw, "b f c h w -> b c f h w")), "b c t h w -> b t c h w")
+
     def decode(self, latents: Tensor) -> Tensor:
-        """Whole-clip decode: ``[B, F, C, h, w] -> video [B, 1 + 4(F - 1), 3, H, W]`` (unclamped)."""
-        z = rearrange(latents / self.cfg.scale, "b f c h w -> b c f h w")
-        return rearrange(self.decoder(z), "b c t h w -> b t c h w")
+        """Whole-clip decode of normalised latents: ``[B, F, C, h, w] -> video [B, 1 + 4(F - 1), 3, H, W]``
+        (unclamped)."""
+        return self._decode_raw(self.denormalize(latents))
 
     def stream_decoder(self) -> StreamingDecoder:
         return StreamingDecoder(self)
 
     def forward(self, video: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Training losses on ``video [B, T, 3, H, W]``: ``recon`` (mean squared error), ``kl`` (per element)."""
-        mean, logvar = self.encode_distribution(video)
+        mean, logvar = self._posterior(video)
         z = mean
         if self.cfg.kl:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + (0.5 * logvar).exp() * noise
-        recon = self.decode(z)
+        recon = self._decode_raw(z)
         out = {"recon": F.mse_loss(recon, video), "video": recon}
         if self.cfg.kl:
-            m, lv = mean / self.cfg.scale, logvar - 2 * torch.log(torch.tensor(self.cfg.scale))
-            out["kl"] = 0.5 * (m.pow(2) + lv.exp() - 1 - lv).mean()
+            out["kl"] = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         else:
             out["kl"] = mean.new_zeros(())
         return out
@@ -301,5 +335,5 @@ class StreamingDecoder:
         self.cache: ConvCache = {}
 
     def push(self, latents: Tensor) -> Tensor:
-        z = rearrange(latents / self.vae.cfg.scale, "b f c h w -> b c f h w")
+        z = rearrange(self.vae.denormalize(latents), "b f c h w -> b c f h w")
         return rearrange(self.vae.decoder(z, self.cache), "b c t h w -> b t c h w")

@@ -202,8 +202,6 @@ class DmdTask(TrainTask):
             "generator_loss": float(loss.detach()),
             "critic_loss": float(all_losses.mean()),
             "dmd_grad_norm": float(grad.flatten(1).norm(dim=1).mean()),
-            "generator_updates": float(generator.global_steps),
-            "critic_updates": float(critic.global_steps),
         }
         edges = bucket_edges(s.t_buckets)
         for j, (mean, _count) in bucket_means(all_losses, all_times, edges).items():

@@ -218,8 +218,8 @@ class _Logger:
 
     def line(self, text: str) -> None:
         """One console line, written past Ray Train's print patch (which would echo it twice)."""
-        sys.__stdout__.write(f"[{self.name}] {text}\n")
-        sys.__stdout__.flush()
+        sys.__stderr__.write(f"[{self.name}] {text}\n")
+        sys.__stderr__.flush()
 
 
 def _fmt(value: float) -> str:
@@ -357,6 +357,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             for name, engine in engines.items():
                 prefix = "" if len(engines) == 1 else f"{name}."
                 last_metrics[f"{prefix}lr"] = float(engine.get_lr()[0])
+                last_metrics[f"{prefix}updates"] = float(engine.global_steps)
                 if name in engines.grad_norms:
                     last_metrics[f"{prefix}grad_norm"] = engines.grad_norms[name]
             last_metrics["samples_per_s"] = global_batch * window_steps / max(elapsed, 1e-9)

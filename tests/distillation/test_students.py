@@ -49,8 +49,8 @@ def test_ode_init_then_dmd(world) -> None:
     assert {"generator_loss", "critic_loss", "dmd_grad_norm"} <= set(metrics)
     assert metrics["dmd_grad_norm"] > 0 and any(k.startswith("critic_loss_t") for k in metrics)
     client = mlflow.MlflowClient()
-    updates = {name: [m.value for m in client.get_metric_history(dmd["mlflow_run_id"], name)] for name in ("generator_updates", "critic_updates")}
-    assert updates == {"generator_updates": [1.0, 2.0], "critic_updates": [3.0, 6.0]}
+    updates = {name: [m.value for m in client.get_metric_history(dmd["mlflow_run_id"], name)] for name in ("generator.updates", "critic.updates")}
+    assert updates == {"generator.updates": [1.0, 2.0], "critic.updates": [3.0, 6.0]}
     generator = load_model(storage.join(outputs["dmd"], MODEL_FILE), mode="block_causal")
     assert weights_differ(student, generator)
 

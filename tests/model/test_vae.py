@@ -103,14 +103,22 @@ def test_initial_vae_reconstructs_flat_colours() -> None:
         assert ((vae.decode(vae.encode(video)) - video) ** 2).mean() < 1e-3
 
 
-def test_latent_scale_round_trips() -> None:
-    cfg = VAEConfig(latent_channels=4, channels=(8, 16), temporal_down=(True,), scale=0.5)
+def test_latent_normalisation_whitens_channels_and_keeps_the_round_trip() -> None:
     torch.manual_seed(0)
-    scaled = VAE(cfg).eval()
-    torch.manual_seed(0)
-    plain = VAE(VAEConfig(latent_channels=4, channels=(8, 16), temporal_down=(True,))).eval()
-    video = _video(5, batch=1)
+    vae = VAE(VAEConfig(latent_channels=4, channels=(8, 16), temporal_down=(True,))).eval()
+    video = _video(5, batch=3)
     with torch.no_grad():
-        z, z_plain = scaled.encode(video), plain.encode(video)
-        assert torch.allclose(z, 0.5 * z_plain, atol=1e-6)
-        assert torch.allclose(scaled.decode(z), plain.decode(z_plain), atol=1e-6)
+        before = vae.decode(vae.encode(video))
+        raw = vae.encode_raw(video)
+        vae.set_latent_stats(raw)
+        z = vae.encode(video)
+        per_channel = z.transpose(0, 2).reshape(4, -1)
+        assert torch.allclose(per_channel.mean(dim=1), torch.zeros(4), atol=1e-5)
+        assert torch.allclose(per_channel.std(dim=1), torch.ones(4), atol=1e-4)
+        assert torch.allclose(vae.denormalize(z), raw, atol=1e-5)
+        assert torch.allclose(vae.decode(z), before, atol=1e-5)
+        streamed = vae.stream_decoder().push(z[:, :1])
+        assert torch.allclose(streamed, before[:, :1], atol=1e-5)
+    restored = VAE(vae.cfg)
+    restored.load_state_dict(vae.state_dict())
+    assert torch.equal(restored.latent_std, vae.latent_std) and torch.equal(restored.latent_mean, vae.latent_mean)

@@ -92,3 +92,18 @@ def test_latents_stage_encodes_every_clip_and_resumes(ray_local, make_config, tm
 
     again = latents.run(ctx)
     assert again["counts"]["shards_skipped"] == 2 and again["counts"]["shards_encoded"] == 0
+
+
+def test_vae_latent_stats_whiten_the_encoded_training_clips(inputs: dict[str, str]) -> None:
+    from training.vae import measure_latent_stats
+    from training.weights import load_model
+
+    model_uri = storage.join(inputs["vae"], "model.pt")
+    stats = measure_latent_stats(model_uri, inputs["clips"], frozenset({"000005-0000"}), count=4)
+    assert stats["clips"] == 4 and len(stats["latent_std"]) == 8
+    vae = load_model(model_uri)
+    assert torch.allclose(vae.latent_std, torch.tensor(stats["latent_std"], dtype=torch.float32))
+    frames = np.stack([np.frombuffer(clip_row(i)["frames"], np.uint8).reshape(FRAMES, 64, 64, 3) for i in range(4)])
+    per_channel = torch.from_numpy(latents.encode_frames(vae, frames)).transpose(0, 2).reshape(8, -1)
+    np.testing.assert_allclose(per_channel.mean(dim=1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(per_channel.std(dim=1), 1.0, atol=1e-3)
