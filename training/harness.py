@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from infra import storage
+from infra import storage, tracking
 from infra.config import TrainConfig
 from training import weights
 
@@ -376,10 +376,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         exported = job.task.export.unwrap(plain[job.task.export.engine])
         uri = storage.join(job.output_uri, MODEL_FILE)
         weights.save_model(uri, exported, kind=job.task.export.kind, preset=job.preset, step=step, extra=job.extra)
+        tracking.log_file_artifact(job.tracking_uri, job.run_id, uri, "weights")
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp, MODEL_FILE)
-            local.write_bytes(storage.read_bytes(uri))
-            sink.artifact(local, "weights")
             videos = job.task.samples(step, plain, frozen)
             _write_videos(videos, job.fps, Path(tmp), f"samples/step_{step:07d}", sink)
 

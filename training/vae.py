@@ -28,7 +28,7 @@ from model.vae import VAE
 from pipelines.workflow import StageContext
 from training import sampling
 from training.harness import EngineSet, EngineSpec, Export, Models, TrainJob, TrainTask, fit
-from training.weights import load_model, read_payload, save_payload, weights_payload
+from training.weights import load_model, read_payload, save_model
 
 SAMPLE_CLIPS = 2
 
@@ -156,25 +156,19 @@ def heldout_rows(clips_uri: str, count: int) -> dict[str, list[Any]]:
 def measure_latent_stats(model_uri: str, clips_uri: str, holdout: frozenset[str], count: int) -> dict[str, list[float]]:
     """Set the trained VAE's per-channel latent mean and std from up to ``count`` training clips and rewrite its
     weights file; the statistics make every later stage's latents unit-variance (see ``model.vae``)."""
-    from pipelines.clips import decode_clips
-
     payload = read_payload(model_uri)
     vae: VAE = load_model(model_uri)
     raw, seen = [], 0
     for uri in storage.parquet_files(clips_uri):
-        table = storage.read_parquet(uri)
-        keep = [i for i, clip_id in enumerate(table["clip_id"].to_pylist()) if clip_id not in holdout][: count - seen]
-        if not keep:
-            continue
-        frames = decode_clips(table.take(keep).to_pydict())["frames"]
+        frames = read_clip_frames({"uri": [uri]}, holdout)["frames"][: count - seen]
         with torch.no_grad():
             for start in range(0, len(frames), 4):
                 raw.append(vae.encode_raw(pixels_to_video(torch.from_numpy(frames[start : start + 4]))))
-        seen += len(keep)
+        seen += len(frames)
         if seen >= count:
             break
     vae.set_latent_stats(torch.cat(raw))
-    save_payload(model_uri, weights_payload(vae, kind="vae", preset=payload["preset"], step=payload["step"], extra=payload["extra"]))
+    save_model(model_uri, vae, kind="vae", preset=payload["preset"], step=payload["step"], extra=payload["extra"])
     return {"latent_mean": vae.latent_mean.tolist(), "latent_std": vae.latent_std.tolist(), "clips": seen}
 
 
