@@ -1,4 +1,5 @@
-"""Session fixtures: one local Ray per session, a fresh storage root and MLflow store per test."""
+"""Session fixtures: one local Ray per session, a fresh storage root and MLflow store per test, and one tiny student
+trained by the real pipeline for the tests that need trained weights."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 
 from infra.config import PipelineConfig, load_config  # noqa: E402
+from pipelines.workflow import run_stages, select_stages  # noqa: E402
 from tests.net import free_port, wait_for_http  # noqa: E402
 
 
@@ -28,6 +30,39 @@ def ray_local() -> Iterator[None]:
     ensure_ray(load_config(None, ["ray.num_cpus=2"]))
     yield
     ray.shutdown()
+
+
+# The embedded default's stages on six 3-s videos and a few steps each: real engines, minutes of CI.
+MICRO_PIPELINE = (
+    "ray.num_cpus=2",
+    "synthetic.num_videos=6",
+    "synthetic.seconds=3",
+    *(f"{stage}.{key}" for stage in ("vae", "teacher", "causal_teacher", "ode_init", "dmd") for key in (
+        "steps=4", "batch_size=2", "warmup_steps=0", "log_every=2", "checkpoint_every=4", "shuffle_buffer=0",
+    )),
+    "vae.eval_clips=2",
+    "vae.stats_clips=2",
+    "teacher.eval_prompts=0",
+    "causal_teacher.eval_prompts=0",
+    "trajectories.num_prompts=4",
+    "trajectories.ode_steps=4",
+    "trajectories.rows_per_shard=2",
+    "trajectories.batch_size=2",
+    *(f"{stage}.{key}" for stage in ("ode_init", "dmd") for key in ("eval_prompts=0", "sample_prompts=0")),
+    "dmd.critic_steps=2",
+)
+
+
+@pytest.fixture(scope="session")
+def micro_config(tmp_path_factory: pytest.TempPathFactory) -> PipelineConfig:
+    return load_config(None, [f"storage.root={tmp_path_factory.mktemp('pipeline')}", *MICRO_PIPELINE])
+
+
+@pytest.fixture(scope="session")
+def trained_pipeline(ray_local: None, micro_config: PipelineConfig) -> dict[str, str]:
+    """Every stage from the synthetic videos to the DMD student, run by the workflow on a local Ray with DeepSpeed;
+    returns each stage's output URI (``"dmd"`` holds the trained tiny student, its VAE is ``"vae"``'s)."""
+    return run_stages(micro_config, select_stages(micro_config, until="dmd"), parent_run_name="micro")
 
 
 @pytest.fixture

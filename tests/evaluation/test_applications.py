@@ -1,5 +1,5 @@
 """Application figures: exact on constructed shapes-world videos, and the evaluate stage's applications section
-end to end (Ray task, applications.json, MLflow) on a small random student."""
+end to end (Ray task, applications.json, MLflow) on the student that the micro pipeline trained."""
 
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ from evaluation.applications import (
 )
 from evaluation.generate import Frames, timing
 from infra import storage, tracking
-from pipelines.shapes_world import ShapeClip, render
+from pipelines.shapes_world import ShapeClip, object_radius, render
 from pipelines.workflow import StageContext
-from tests.evaluation.test_generate import write_student
 
 FPS = 12
 CLIP = ShapeClip("circle", "red", "black", "bouncing left and right", 1.5, 0.2)
@@ -53,7 +52,7 @@ def test_image_keeping_on_the_rendered_clip_and_a_recoloured_one() -> None:
     kept = image_keeping(frames, FPS, frames[0], CLIP.attributes())
     assert kept["color_keep"] == kept["shape_keep"] == kept["present"] == 1.0
     assert kept["first_frame_error_px"] < 0.05
-    speed = 2 * (64 - 2 * (1.6 * 0.15 * 64 + 1.0)) / CLIP.period / FPS  # bounce: two widths per period
+    speed = 2 * (64 - 2 * (1.6 * object_radius(64) + 1.0)) / CLIP.period / FPS  # bounce: two widths per period
     assert kept["next_frame_error_px"] == pytest.approx(speed, abs=0.3)
     assert kept["max_step_px"] == pytest.approx(speed, abs=0.3)
     other = image_keeping(render(recoloured(CLIP), fps=FPS, seconds=2.0), FPS, frames[0], CLIP.attributes())
@@ -105,12 +104,13 @@ def test_applications_figures_go_to_mlflow_with_curves_per_second(make_config) -
     assert [(m.step, m.value) for m in history] == [(0, 0.25), (1, 1.0)]
 
 
-def test_evaluate_applications_section_on_a_student(ray_local: None, make_config, tmp_path: Path) -> None:
-    root = tmp_path / "student"
-    dmd = write_student(root)
+def test_evaluate_applications_section_on_the_trained_student(
+    trained_pipeline: dict[str, str], make_config, tmp_path: Path
+) -> None:
     config = make_config("evaluate.applications_prompts=1", "evaluate.applications_seconds=2")
     output = str(tmp_path / "evaluate")
-    ctx = StageContext("evaluate", config, {"dmd": dmd, "vae": str(root / "vae" / "f0")}, output, "fp", "run")
+    inputs = {"dmd": trained_pipeline["dmd"], "vae": trained_pipeline["vae"]}
+    ctx = StageContext("evaluate", config, inputs, output, "fp", "run")
     tracking.configure(config)
     with mlflow.start_run() as run:
         figures = run_applications(ctx)

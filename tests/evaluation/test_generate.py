@@ -1,5 +1,6 @@
-"""Generation API and `causvid generate` on a small random student: the mechanics every mode must keep whatever the
-weights (streaming, the KV cache, the image in the cache, a growing input video), and one-line errors."""
+"""Generation API and `causvid generate` on the tiny student that the micro pipeline trained (the session's
+`trained_pipeline`): the mechanics every mode must keep (streaming, the KV cache, the image in the cache, a growing
+input video), and one-line errors."""
 
 from __future__ import annotations
 
@@ -27,49 +28,28 @@ from evaluation.generate import (
 )
 from infra import storage, tracking
 from infra.cli import main
-from infra.config import load_config
 from model.presets import get_preset
 from model.streaming import stream
 from model.text import build_text_encoder
-from model.vae import VAE, VAEConfig
 from pipelines.shapes_world import ShapeClip, encode_mp4, render
-from training.weights import save_model
 
 A = "a red circle bouncing left and right on a black background"
 B = "a blue square bouncing up and down on a black background"
 CLIP = ShapeClip("circle", "red", "black", "bouncing left and right", 1.5, 0.2)
 
 
-def write_student(root: Path) -> str:
-    """Complete `vae`, `latents` and `dmd` outputs holding a small random student (tiny preset's timing and sizes,
-    narrower networks); the student's VAE is reachable only through the latents manifest, as in the workflow."""
-    preset = get_preset("tiny")
-    torch.manual_seed(0)
-    vae_out, latents_out, dmd_out = (str(root / stage / "f0") for stage in ("vae", "latents", "dmd"))
-    vae = VAE(VAEConfig(latent_channels=preset.vae.latent_channels, channels=(8, 8, 8), temporal_down=(True, True)))
-    save_model(storage.join(vae_out, "model.pt"), vae, kind="vae", preset="tiny", step=0)
-    dit = preset.build_dit(attention_mode="block_causal", dim=32, depth=2, heads=2, ffn_dim=64, freq_dim=32)
-    dit.initialize(adaln_zero=False)
-    save_model(storage.join(dmd_out, "model.pt"), dit, kind="dit", preset="tiny", step=0)
-    storage.write_manifest(vae_out, {"stage": "vae"})
-    storage.write_manifest(latents_out, {"stage": "latents", "summary": {"vae": storage.join(vae_out, "model.pt")}})
-    storage.write_manifest(dmd_out, {"stage": "dmd", "inputs": {"latents": latents_out, "teacher": str(root / "teacher")}})
-    return dmd_out
+@pytest.fixture(scope="session")
+def student_dir(trained_pipeline: dict[str, str]) -> str:
+    """The `dmd` output folder of the micro pipeline: the trained student, its VAE reachable through manifests."""
+    return trained_pipeline["dmd"]
 
 
 @pytest.fixture(scope="session")
-def student_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("generate")
-    write_student(root)
-    return root
-
-
-@pytest.fixture(scope="session")
-def generator(student_root: Path) -> Generator:
+def generator(student_dir: str) -> Generator:
     torch.set_num_threads(1)
     preset = get_preset("tiny")
     encoder = build_text_encoder(preset.text_encoder, max_length=preset.text_len)
-    return Generator.load(str(student_root / "dmd" / "f0"), device="cpu", text_encoder=encoder)
+    return Generator.load(student_dir, device="cpu", text_encoder=encoder)
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +59,11 @@ def input_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_checkpoint_resolves_from_folder_model_file_and_mlflow_run(student_root: Path, make_config) -> None:
-    folder = str(student_root / "dmd" / "f0")
-    vae = str(student_root / "vae" / "f0" / "model.pt")
+def test_checkpoint_resolves_from_folder_model_file_and_mlflow_run(
+    student_dir: str, trained_pipeline: dict[str, str], make_config
+) -> None:
+    folder = student_dir
+    vae = storage.join(trained_pipeline["vae"], "model.pt")
     expected = Checkpoint(str(Path(folder, "model.pt")), vae, folder)
     assert resolve_checkpoint(folder) == expected
     assert resolve_checkpoint(str(Path(folder, "model.pt"))) == expected
@@ -156,7 +138,7 @@ def test_image_to_video_starts_from_the_image_round_trip_held_in_the_cache(gener
     ))
     torch.testing.assert_close(chunks[1].latents, reference[1].latents, atol=1e-4, rtol=1e-4)
     other = list(generator.chunks(Request(A, seconds=1.5, image=255 - image, seed=1)))
-    assert (other[1].latents - chunks[1].latents).abs().max() > 1e-3
+    assert not torch.equal(other[1].latents, chunks[1].latents)  # same seed: only the cached image differs
 
 
 def test_streaming_encoder_equals_whole_clip_encode(generator: Generator) -> None:
@@ -211,13 +193,13 @@ def test_video_to_video_consumes_a_growing_mp4_chunk_by_chunk(generator: Generat
     assert (full[0].latents - offline[0].latents).abs().max() > 1e-3
 
 
-def test_cli_generate_streams_an_mp4(student_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_generate_streams_an_mp4(student_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     image = tmp_path / "first.png"
     from PIL import Image
 
     Image.fromarray(render(CLIP, size=96, fps=12, seconds=0.1)[0]).save(image)
     out = tmp_path / "out" / "video.mp4"
-    args = ["generate", "--checkpoint", str(student_root / "dmd" / "f0"), "--prompt", A, "--seconds", "1.5",
+    args = ["generate", "--checkpoint", student_dir, "--prompt", A, "--seconds", "1.5",
             "--out", str(out), "--prompt-at", f"0.5:{B}", "--image", str(image), "--device", "cpu"]
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == str(out.resolve())
@@ -231,13 +213,13 @@ def test_cli_generate_streams_an_mp4(student_root: Path, tmp_path: Path, capsys:
     ["unknown-path", "unknown-run", "image", "video-garbage", "video-missing", "prompt-at", "strength-0", "strength-high"],
 )
 def test_cli_generate_bad_inputs_are_one_line_errors(
-    case: str, student_root: Path, input_mp4: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    case: str, student_dir: str, input_mp4: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"not a picture or a video " * 40)
     old = time.time() - 3600
     os.utime(garbage, (old, old))
-    checkpoint = str(student_root / "dmd" / "f0")
+    checkpoint = student_dir
     base = ["generate", "--prompt", A, "--out", str(tmp_path / "o.mp4"), "--set", f"storage.root={tmp_path / 'root'}"]
     extra = {
         "unknown-path": ["--checkpoint", str(tmp_path / "nothing")],

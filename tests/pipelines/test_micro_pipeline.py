@@ -1,0 +1,43 @@
+"""The whole workflow end to end on the session's micro pipeline: every stage from synthetic MP4s to the DMD
+student ran for real (Ray Data, Ray Train + DeepSpeed, MLflow), each output is complete, and training moved weights."""
+
+from __future__ import annotations
+
+import torch
+
+from infra import storage
+from infra.config import PipelineConfig
+from pipelines.workflow import run_stages, select_stages
+from training.harness import MODEL_FILE
+from training.weights import read_payload
+
+
+def test_every_stage_to_the_student_is_complete_and_trained(trained_pipeline: dict[str, str]) -> None:
+    assert list(trained_pipeline) == [
+        "synthetic", "clips", "vae", "latents", "teacher", "causal_teacher", "trajectories", "ode_init", "dmd",
+    ]
+    manifests = {name: storage.read_manifest(uri) for name, uri in trained_pipeline.items()}
+    assert manifests["synthetic"]["counts"]["videos"] == 6
+    assert manifests["clips"]["counts"]["clips_out"] == 6
+    assert manifests["trajectories"]["counts"]["rows"] == 4
+    for name in ("vae", "teacher", "causal_teacher", "ode_init", "dmd"):
+        assert manifests[name]["counts"]["steps"] == 4, name
+        assert manifests[name]["mlflow_run_id"]
+    assert manifests["dmd"]["counts"]["critic_updates"] == 8
+    assert manifests["dmd"]["inputs"]["teacher"] == trained_pipeline["teacher"]
+
+    trained = ("teacher", "ode_init", "dmd")
+    weights = {name: read_payload(storage.join(trained_pipeline[name], MODEL_FILE)) for name in trained}
+    assert weights["ode_init"]["mode"] == weights["dmd"]["mode"] == "block_causal"
+    for before, after in (("teacher", "ode_init"), ("ode_init", "dmd")):
+        moved = [
+            not torch.equal(weights[before]["state_dict"][key], value)
+            for key, value in weights[after]["state_dict"].items()
+        ]
+        assert any(moved), f"{after} did not change the weights it started from ({before})"
+
+
+def test_running_it_again_skips_every_stage(trained_pipeline: dict[str, str], micro_config: PipelineConfig) -> None:
+    before = {name: storage.read_manifest(uri)["finished_at"] for name, uri in trained_pipeline.items()}
+    assert run_stages(micro_config, select_stages(micro_config, until="dmd")) == trained_pipeline
+    assert {name: storage.read_manifest(uri)["finished_at"] for name, uri in trained_pipeline.items()} == before
