@@ -74,6 +74,12 @@ def _clips_inputs(config: PipelineConfig) -> tuple[str, ...]:
     return () if config.clips.manifest else ("synthetic",)
 
 
+def _dmd_inputs(config: PipelineConfig) -> tuple[str, ...]:
+    """The causal teacher is an input only where it is the real score, so `--until dmd` trains it only then."""
+    causal = ("causal_teacher",) if config.dmd.teacher == "causal" else ()
+    return ("latents", "teacher", *causal, "ode_init")
+
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
@@ -100,7 +106,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "dmd",
             "training.dmd:run",
-            _always("latents", "teacher", "causal_teacher", "ode_init"),
+            _dmd_inputs,
             "dmd",
             "asymmetric distribution matching distillation",
         ),

@@ -37,13 +37,12 @@ MICRO_PIPELINE = (
     "ray.num_cpus=2",
     "synthetic.num_videos=6",
     "synthetic.seconds=3",
-    *(f"{stage}.{key}" for stage in ("vae", "teacher", "causal_teacher", "ode_init", "dmd") for key in (
+    *(f"{stage}.{key}" for stage in ("vae", "teacher", "ode_init", "dmd") for key in (
         "steps=4", "batch_size=2", "warmup_steps=0", "log_every=2", "checkpoint_every=4", "shuffle_buffer=0",
     )),
     "vae.eval_clips=2",
     "vae.stats_clips=2",
     "teacher.eval_prompts=0",
-    "causal_teacher.eval_prompts=0",
     "trajectories.num_prompts=4",
     "trajectories.ode_steps=4",
     "trajectories.rows_per_shard=2",

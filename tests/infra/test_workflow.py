@@ -111,6 +111,9 @@ def test_selection_and_errors(make_config) -> None:
     assert select_stages(config, until="vae") == ["synthetic", "clips", "vae"]
     assert select_stages(config, until="teacher", start="vae") == ["vae", "latents", "teacher"]
     assert select_stages(make_config("clips.manifest=videos.csv"), until="clips") == ["clips"]
+    assert "causal_teacher" not in select_stages(config, until="dmd")
+    assert "causal_teacher" in select_stages(make_config("dmd.teacher=causal"), until="dmd")
+    assert "causal_teacher" in select_stages(config, until="evaluate")
     with pytest.raises(ConfigError, match="unknown stage 'teachr' \\(stages: synthetic, clips"):
         select_stages(config, until="teachr")
     with pytest.raises(storage.IncompleteOutputError, match="stage 'clips' needs 'synthetic'"):

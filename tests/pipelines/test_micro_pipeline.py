@@ -14,13 +14,13 @@ from training.weights import read_payload
 
 def test_every_stage_to_the_student_is_complete_and_trained(trained_pipeline: dict[str, str]) -> None:
     assert list(trained_pipeline) == [
-        "synthetic", "clips", "vae", "latents", "teacher", "causal_teacher", "trajectories", "ode_init", "dmd",
+        "synthetic", "clips", "vae", "latents", "teacher", "trajectories", "ode_init", "dmd",
     ]
     manifests = {name: storage.read_manifest(uri) for name, uri in trained_pipeline.items()}
     assert manifests["synthetic"]["counts"]["videos"] == 6
     assert manifests["clips"]["counts"]["clips_out"] == 6
     assert manifests["trajectories"]["counts"]["rows"] == 4
-    for name in ("vae", "teacher", "causal_teacher", "ode_init", "dmd"):
+    for name in ("vae", "teacher", "ode_init", "dmd"):
         assert manifests[name]["counts"]["steps"] == 4, name
         assert manifests[name]["mlflow_run_id"]
     assert manifests["dmd"]["counts"]["critic_updates"] == 8
