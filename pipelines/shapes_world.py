@@ -3,9 +3,9 @@ that says everything about it ("a red circle circling clockwise on a dark blue b
 
 Every attribute is drawn independently from a seeded generator, so a caption can be checked from the
 pixels alone (see `evaluation/oracle.py`). Palettes are far apart in RGB so colours survive H.264 at
-64x64; motions are periodic so a clip of any length (3 s of training, 30 s of rollout) stays on-caption. The object spans
-a fifth of the frame: at 64x64 through the x4 VAE, a smaller one (0.15) comes back as a blob whose shape the
-oracle reads right in only 73 % of held-out clips, against 100 % at 0.2.
+64x64; motions are periodic so a clip of any length (3 s of training, 30 s of rollout) stays on-caption.
+The object spans a fifth of the frame: at 64x64 through the x4 VAE, a smaller one (0.15) comes back as a blob
+whose shape the oracle reads right in only 73 % of held-out clips, against 100 % at 0.2.
 Coordinates are image coordinates: x to the right, y down; "clockwise" is clockwise as seen on screen.
 """
 

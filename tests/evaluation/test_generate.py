@@ -32,6 +32,7 @@ from model.presets import get_preset
 from model.streaming import stream
 from model.text import build_text_encoder
 from pipelines.shapes_world import ShapeClip, encode_mp4, render
+from training.harness import MODEL_FILE
 
 A = "a red circle bouncing left and right on a black background"
 B = "a blue square bouncing up and down on a black background"
@@ -62,14 +63,13 @@ def input_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_checkpoint_resolves_from_folder_model_file_and_mlflow_run(
     student_dir: str, trained_pipeline: dict[str, str], make_config
 ) -> None:
-    folder = student_dir
-    vae = storage.join(trained_pipeline["vae"], "model.pt")
-    expected = Checkpoint(str(Path(folder, "model.pt")), vae, folder)
-    assert resolve_checkpoint(folder) == expected
-    assert resolve_checkpoint(str(Path(folder, "model.pt"))) == expected
+    vae = storage.join(trained_pipeline["vae"], MODEL_FILE)
+    expected = Checkpoint(str(Path(student_dir, MODEL_FILE)), vae, student_dir)
+    assert resolve_checkpoint(student_dir) == expected
+    assert resolve_checkpoint(str(Path(student_dir, MODEL_FILE))) == expected
     config = make_config()
     tracking.configure(config)
-    with mlflow.start_run(tags={"causvid.output": folder}) as run:
+    with mlflow.start_run(tags={"causvid.output": student_dir}) as run:
         pass
     assert resolve_checkpoint(run.info.run_id, config=config) == expected
 
