@@ -109,8 +109,7 @@ def test_submit_runs_a_stage_as_a_ray_job(ray_cluster: tuple[str, dict[str, str]
     manifest = storage.read_manifest(output)
     assert manifest["counts"]["videos"] == 4
     assert pq.read_table(Path(output) / "manifest.parquet").num_rows == 4
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    run = mlflow.get_run(manifest["mlflow_run_id"])
+    run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(manifest["mlflow_run_id"])
     assert run.data.tags["causvid.stage"] == "synthetic"
     assert run.data.params["synthetic.num_videos"] == "4"
 

@@ -4,15 +4,18 @@ student ran for real (Ray Data, Ray Train + DeepSpeed, MLflow), each output is c
 from __future__ import annotations
 
 import torch
+from mlflow.tracking import MlflowClient
 
-from infra import storage
+from infra import storage, tracking
 from infra.config import PipelineConfig
 from pipelines.workflow import run_stages, select_stages
 from training.harness import MODEL_FILE
 from training.weights import read_payload
 
 
-def test_every_stage_to_the_student_is_complete_and_trained(trained_pipeline: dict[str, str]) -> None:
+def test_every_stage_to_the_student_is_complete_and_trained(
+    trained_pipeline: dict[str, str], micro_config: PipelineConfig
+) -> None:
     assert list(trained_pipeline) == [
         "synthetic", "clips", "vae", "latents", "teacher", "trajectories", "ode_init", "dmd",
     ]
@@ -22,7 +25,10 @@ def test_every_stage_to_the_student_is_complete_and_trained(trained_pipeline: di
     assert manifests["trajectories"]["counts"]["rows"] == 4
     for name in ("vae", "teacher", "ode_init", "dmd"):
         assert manifests[name]["counts"]["steps"] == 4, name
-        assert manifests[name]["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(micro_config))
+    for name, uri in trained_pipeline.items():
+        run = client.get_run(manifests[name]["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["causvid.output"] == uri, name
     assert manifests["dmd"]["counts"]["critic_updates"] == 8
     assert manifests["dmd"]["inputs"]["teacher"] == trained_pipeline["teacher"]
 

@@ -87,9 +87,9 @@ def test_zero_stage_two_workers(tmp_path: Path, latents_uri: str, zero_stage: in
 
 
 def test_zero0_loss_falls_and_logs_to_mlflow(tmp_path: Path, latents_uri: str) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.MlflowClient().create_run(mlflow.create_experiment("harness", artifact_location=(tmp_path / "art").as_uri()))
-    tracking = (mlflow.get_tracking_uri(), run.info.run_id)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("harness", artifact_location=(tmp_path / "art").as_uri()))
+    tracking = (client.tracking_uri, run.info.run_id)
     result = run_teacher(
         tmp_path, latents_uri, "teacher.zero_stage=0", "teacher.steps=24", "teacher.batch_size=4", "teacher.lr=3e-3",
         "teacher.log_every=4", "teacher.checkpoint_every=24", tracking=tracking,
@@ -106,16 +106,16 @@ def test_zero0_loss_falls_and_logs_to_mlflow(tmp_path: Path, latents_uri: str) -
 
 
 def test_killed_worker_resumes_from_last_checkpoint(tmp_path: Path, latents_uri: str) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.MlflowClient().create_run(mlflow.create_experiment("resume", artifact_location=(tmp_path / "art").as_uri()))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("resume", artifact_location=(tmp_path / "art").as_uri()))
     result = run_teacher(
         tmp_path, latents_uri, "teacher.zero_stage=2", "teacher.num_workers=2", "teacher.steps=8",
         "teacher.checkpoint_every=3", "teacher.log_every=1", "teacher.max_failures=1",
-        tracking=(mlflow.get_tracking_uri(), run.info.run_id), kill_at_step=5, kill_rank=1,
+        tracking=(client.tracking_uri, run.info.run_id), kill_at_step=5, kill_rank=1,
     )
     assert result.steps == 8
     assert [p.name for p in checkpoints(tmp_path)][-2:] == ["step_0000006", "step_0000008"]
-    steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss"))
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
     # steps 1-5 ran, rank 1 died before step 6, the restart resumed from step 3 and redid 4 and 5
     assert steps == [1, 2, 3, 4, 4, 5, 5, 6, 7, 8]
     state = torch.load(checkpoints(tmp_path)[-1] / "train_state_rank0.pt", weights_only=False)
