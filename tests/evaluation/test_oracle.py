@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from evaluation.oracle import classify_motion, count_components, describe, detect_frames, score_video
+from evaluation.oracle import classify_motion, count_components, describe, detect_frames, score_video, summarize
 from pipelines.shapes_world import ShapeClip, decode_video, encode_mp4, render, sample_clip
 
 ATTRIBUTES = ("background", "color", "shape", "motion")
@@ -16,17 +16,18 @@ def round_trip(clip: ShapeClip, seconds: float = 3.0) -> np.ndarray:
 def test_attribute_accuracy_on_mp4_round_trips() -> None:
     clips = [sample_clip(2024, i) for i in range(40)]
     correct: Counter[str] = Counter()
-    persistence = []
+    split_frames = 0
     for clip in clips:
-        found = describe(round_trip(clip))
+        det = detect_frames(round_trip(clip))
+        found = summarize(det)
         correct.update(a for a in ATTRIBUTES if found[a] == getattr(clip, a))
         assert found["present"] == 1.0
-        persistence.append(found["persistence"])
+        split_frames += int((det.present & ~det.persistent).sum())
     accuracy = {a: correct[a] / len(clips) for a in ATTRIBUTES}
     assert min(accuracy.values()) >= 0.98, accuracy
-    # An edge row drawn at half coverage sits on the mask's threshold; after yuv420p it can fall under it in a
-    # frame or two and cut the object in two there, so persistence is near 1, not exactly 1, on real MP4s.
-    assert min(persistence) >= 0.9 and np.mean(persistence) >= 0.99, persistence
+    # An edge row drawn at half coverage sits on the mask's threshold; after yuv420p it can fall under it and cut
+    # the object in two for a frame: 2 of these 1,440 frames (one triangle) with the encoder's settings.
+    assert split_frames <= 2, split_frames
 
 
 def test_score_per_second() -> None:

@@ -79,6 +79,7 @@ def test_mp4_bytes_do_not_depend_on_the_heap() -> None:
     digests = set()
     for fill in ("0", "85", "200"):
         env = {**os.environ, "MALLOC_PERTURB_": fill, "PYTHONPATH": str(REPO)}
-        done = subprocess.run([sys.executable, "-c", ENCODE_IN_A_FRESH_PROCESS], env=env, capture_output=True, text=True, check=True)
-        digests.add(done.stdout.strip())
+        encoded = subprocess.run([sys.executable, "-c", ENCODE_IN_A_FRESH_PROCESS], env=env, capture_output=True, text=True)
+        assert encoded.returncode == 0, encoded.stderr[-2000:]
+        digests.add(encoded.stdout.strip())
     assert len(digests) == 1, digests
