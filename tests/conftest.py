@@ -1,10 +1,11 @@
-"""Session fixtures: one local Ray per session, a fresh storage root and MLflow store per test, and one tiny student
-trained by the real pipeline for the tests that need trained weights."""
+"""Session fixtures: one local Ray per session, a fresh storage root and MLflow store per test, one tiny student
+trained by the real pipeline for the tests that need trained weights, and the tiny world of the distillation
+stages (see :mod:`tests.world`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ os.environ.pop("RAY_ADDRESS", None)
 from infra.config import PipelineConfig, load_config  # noqa: E402
 from pipelines.workflow import run_stages, select_stages  # noqa: E402
 from tests.net import free_port, wait_for_http  # noqa: E402
+from tests.world import FAST, TEACHER_RUN, write_world  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +64,29 @@ def trained_pipeline(ray_local: None, micro_config: PipelineConfig) -> dict[str,
     """Every stage from the synthetic videos to the DMD student, run by the workflow on a local Ray with DeepSpeed;
     returns each stage's output URI (``"dmd"`` holds the trained tiny student, its VAE is ``"vae"``'s)."""
     return run_stages(micro_config, select_stages(micro_config, until="dmd"), parent_run_name="micro")
+
+
+@pytest.fixture(scope="session")
+def world_settings() -> dict[str, object]:
+    """The overrides every distillation test shares and the teacher's recorded MLflow run id."""
+    return {"overrides": FAST, "teacher_run": TEACHER_RUN}
+
+
+@pytest.fixture(scope="session")
+def world_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("distillation")
+
+
+@pytest.fixture(scope="session")
+def world(world_root: Path) -> Callable[..., PipelineConfig]:
+    """Config factory on one shared storage root that holds the tiny world; stage outputs are shared by fingerprint."""
+
+    def make(*overrides: str) -> PipelineConfig:
+        config = load_config(None, [f"storage.root={world_root}", *FAST, *overrides])
+        write_world(config)
+        return config
+
+    return make
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 
 
 def test_stage_logs_to_a_real_mlflow_server(mlflow_server: str, make_config, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(STAGES, "synthetic", dataclasses.replace(STAGES["synthetic"], entry="tests.infra.test_workflow:four_shards"))
+    monkeypatch.setitem(STAGES, "synthetic", dataclasses.replace(STAGES["synthetic"], entry="tests.pipelines.test_workflow:four_shards"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     config = make_config("tracking.experiment=server-test")
     uri = run_stages(config, ["synthetic"])["synthetic"]

@@ -7,15 +7,11 @@ and written where the workflow's plan expects the `latents`, `teacher` and `caus
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 
 from infra import storage
-from infra.config import PipelineConfig, load_config
+from infra.config import PipelineConfig
 from model.presets import get_preset
 from pipelines.latents import latent_rows, write_latent_shard
 from pipelines.workflow import plan
@@ -98,26 +94,3 @@ def write_world(config: PipelineConfig) -> None:
         save_model(storage.join(uri, MODEL_FILE), random_dit(1, mode), kind="dit", preset="tiny", step=0)
         manifest = {"stage": name, "fingerprint": the_plan.fingerprints[name], "inputs": {"latents": latents_uri}}
         storage.write_manifest(uri, {**manifest, "mlflow_run_id": run_id, "summary": {}})
-
-
-@pytest.fixture(scope="session")
-def world_settings() -> dict[str, object]:
-    """The overrides every distillation test shares and the teacher's recorded MLflow run id."""
-    return {"overrides": FAST, "teacher_run": TEACHER_RUN}
-
-
-@pytest.fixture(scope="session")
-def world_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("distillation")
-
-
-@pytest.fixture(scope="session")
-def world(world_root: Path) -> Callable[..., PipelineConfig]:
-    """Config factory on one shared storage root that holds the tiny world; stage outputs are shared by fingerprint."""
-
-    def make(*overrides: str) -> PipelineConfig:
-        config = load_config(None, [f"storage.root={world_root}", *FAST, *overrides])
-        write_world(config)
-        return config
-
-    return make
