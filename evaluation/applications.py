@@ -24,10 +24,14 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from evaluation.generate import Frames, Generator, Request, timing
-from evaluation.oracle import classify_motion, detect_frames
+from evaluation.checkpoint import Checkpoint
+from evaluation.generate import Frames, Generator, timing
+from evaluation.request import Request
 from infra import storage
-from pipelines.shapes_world import MOTIONS, OBJECT_COLORS, SHAPES, ShapeClip, encode_mp4, heldout_prompts, render
+from model.weights import MODEL_FILE
+from pipelines.oracle import classify_motion, detect_frames
+from pipelines.shapes_world import MOTIONS, OBJECT_COLORS, SHAPES, ShapeClip, heldout_prompts, render
+from pipelines.video import encode_mp4
 from pipelines.workflow import StageContext
 
 log = logging.getLogger("causvid")
@@ -201,8 +205,6 @@ def measure_checkpoint(model_uri: str, vae_uri: str, settings: dict[str, Any]) -
     """:func:`measure` for the student at ``model_uri`` (one CPU thread, as the evaluate stage's rollouts)."""
     import torch
 
-    from evaluation.generate import Checkpoint
-
     torch.set_num_threads(1)
     generator = Generator.load(Checkpoint(model_uri, vae_uri))
     return measure(generator, **settings)
@@ -253,8 +255,8 @@ def run_applications(ctx: StageContext) -> dict[str, Any]:
         "strength": cfg.applications_strength,
         "seed": cfg.seed,
     }
-    model_uri = storage.join(ctx.inputs["dmd"], "model.pt")
-    vae_uri = storage.join(ctx.inputs["vae"], "model.pt")
+    model_uri = storage.join(ctx.inputs["dmd"], MODEL_FILE)
+    vae_uri = storage.join(ctx.inputs["vae"], MODEL_FILE)
     figures = ray.get(ray.remote(num_cpus=1)(measure_checkpoint).remote(model_uri, vae_uri, settings))
     storage.write_json(ctx.output("applications.json"), figures)
     if mlflow.active_run() is not None:

@@ -25,9 +25,14 @@ import torch
 
 from evaluation import drift
 from evaluation.metrics import ClipScorer, weight_free_metrics
-from evaluation.oracle import score_video
 from infra import storage
 from infra.errors import UserError
+from model.presets import get_preset
+from model.streaming import stream, teacher_sample
+from model.vae import video_to_pixels
+from model.weights import MODEL_FILE, load_model
+from pipelines.oracle import OBJECT_KEYS, ORACLE_KEYS, score_video
+from pipelines.video import encode_mp4
 from pipelines.workflow import StageContext
 
 log = logging.getLogger("causvid")
@@ -38,7 +43,6 @@ MODEL_INPUTS = {
     "causal_teacher": "causal_teacher",
     "teacher": "teacher",
 }
-ORACLE_KEYS = ("color", "shape", "motion")
 
 
 @dataclass(frozen=True)
@@ -61,18 +65,8 @@ class RolloutSpec:
     clip_checkpoint: str | None = None
 
 
-def frames_uint8(video: torch.Tensor) -> np.ndarray:
-    """Decoded `video [1, T, 3, H, W]` in [-1, 1] -> `[T, H, W, 3]` uint8."""
-    array = video[0].permute(0, 2, 3, 1).float().clamp(-1, 1).add(1).mul(127.5).round()
-    return array.to(torch.uint8).cpu().numpy()
-
-
 def render(spec: RolloutSpec) -> tuple[np.ndarray, float]:
     """Sample one rollout; returns its frames and the seconds spent generating them."""
-    from model.presets import get_preset
-    from model.streaming import stream, teacher_sample
-    from training.weights import load_model
-
     torch.set_num_threads(1)
     preset = get_preset(spec.preset)
     vae = load_model(spec.vae_uri)
@@ -87,17 +81,15 @@ def render(spec: RolloutSpec) -> tuple[np.ndarray, float]:
         latents = teacher_sample(
             model, text, noise, schedule, num_steps=preset.teacher_steps, guidance_scale=spec.guidance_scale
         ).x0
-        frames = frames_uint8(vae.decode(latents))
+        frames = video_to_pixels(vae.decode(latents)[0])
         return frames, time.perf_counter() - started
     model = load_model(spec.weights_uri, mode="block_causal")
     _, c, h, w = preset.latent_shape()
-    num_latent = 1 + int(np.ceil((spec.seconds * preset.fps - 1) / vae.cfg.temporal_factor))
-    num_chunks = int(np.ceil(num_latent / preset.chunk_frames))
     many_step = spec.model == "causal_teacher"
     chunks = stream(
         model,
         text,
-        num_chunks=num_chunks,
+        num_chunks=preset.chunks_for(spec.seconds),
         latent_shape=(c, h, w),
         schedule=schedule,
         timesteps=preset.student_timesteps,
@@ -108,14 +100,14 @@ def render(spec: RolloutSpec) -> tuple[np.ndarray, float]:
         vae=vae,
         generator=generator,
     )
-    frames = np.concatenate([frames_uint8(chunk.video) for chunk in chunks])
-    return frames[: int(round(spec.seconds * preset.fps))], time.perf_counter() - started
+    frames = np.concatenate([video_to_pixels(chunk.video[0]) for chunk in chunks])
+    return frames[: preset.frames_for(spec.seconds)], time.perf_counter() - started
 
 
 def score(frames: np.ndarray, fps: float, expected: dict[str, Any]) -> dict[str, list[float]]:
     """Per-second curves: oracle correctness, persistence, crispness, and the weight-free metrics."""
     rows = score_video(frames, fps, expected)
-    curves = {f"{key}_acc": [float(row[f"{key}_ok"]) for row in rows] for key in ORACLE_KEYS}
+    curves = {f"{key}_acc": [float(row[f"{key}_ok"]) for row in rows] for key in OBJECT_KEYS}
     curves["persistence"] = [row["persistence"] for row in rows]
     curves["crispness"] = [row["crispness"] for row in rows]
     curves.update(weight_free_metrics(frames, fps))
@@ -125,8 +117,6 @@ def score(frames: np.ndarray, fps: float, expected: dict[str, Any]) -> dict[str,
 @ray.remote(num_cpus=1)
 def rollout_task(spec: RolloutSpec, output_uri: str, fps: int) -> dict[str, Any]:
     """Render, score and store one rollout; the MP4 and a contact sheet go under `videos/`."""
-    from pipelines.shapes_world import encode_mp4
-
     frames, seconds = render(spec)
     curves = score(frames, fps, spec.expected)
     if spec.clip_checkpoint:
@@ -191,7 +181,6 @@ def summarize(per_second: dict[str, dict[str, list[float]]], results: list[dict[
 
 
 def _prompts(ctx: StageContext) -> list[dict[str, Any]]:
-    from model.presets import get_preset
     from model.text import build_text_encoder
     from pipelines.shapes_world import heldout_prompts
 
@@ -206,8 +195,6 @@ def _prompts(ctx: StageContext) -> list[dict[str, Any]]:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from model.presets import get_preset
-
     cfg = ctx.config.evaluate
     preset = get_preset(ctx.config.model.preset)
     prompts = _prompts(ctx)
@@ -215,16 +202,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
         log.info("no CLIP checkpoint configured (evaluate.clip_checkpoint): CLIP metrics are skipped")
     elif not storage.exists(cfg.clip_checkpoint):
         raise UserError(f"evaluate.clip_checkpoint: no file at {cfg.clip_checkpoint}; give a local open_clip checkpoint")
-    vae_uri = storage.join(ctx.inputs["vae"], "model.pt")
+    vae_uri = storage.join(ctx.inputs["vae"], MODEL_FILE)
     specs = [
         RolloutSpec(
             model=model,
-            weights_uri=storage.join(ctx.inputs[stage], "model.pt"),
+            weights_uri=storage.join(ctx.inputs[stage], MODEL_FILE),
             vae_uri=vae_uri,
             preset=preset.name,
             prompt_index=i,
             caption=str(prompt["caption"]),
-            expected={k: prompt[k] for k in ("color", "shape", "motion", "background")},
+            expected={k: prompt[k] for k in ORACLE_KEYS},
             text_emb=prompt["text_emb"],
             text_mask=prompt["text_mask"],
             seconds=cfg.seconds,

@@ -193,7 +193,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from evaluation.generate import Generator, Request, parse_prompt_at, validate, write_mp4
+    from evaluation.generate import Generator, write_mp4
+    from evaluation.request import Request, parse_prompt_at, validate
 
     request = Request(
         prompt=args.prompt,

@@ -72,13 +72,6 @@ def forward_flops(model: DiT, *args: Any, **kwargs: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def chunks_for(seconds: float, preset: Preset) -> int:
-    """Generated chunks needed to cover ``seconds`` of video: chunk c adds ``4 k`` frames (the first ``4k - 3``)."""
-    frames = math.ceil(seconds * preset.fps)
-    per_chunk = preset.vae.temporal_factor * preset.chunk_frames
-    return max(1, math.ceil((frames + preset.vae.temporal_factor - 1) / per_chunk))
-
-
 def _rollout(preset: Preset, model: DiT, vae: torch.nn.Module, text: tuple, n: int, seed: int, **kw: Any) -> list[Chunk]:
     g = torch.Generator(device=text[0].device).manual_seed(seed)
     chunks = []
@@ -142,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     rollouts: dict[str, Any] = {}
     for seconds in args.seconds:
-        n = chunks_for(seconds, preset)
+        n = preset.chunks_for(seconds)
         per_chunk, frames, first = _best_rollout(
             args.repeats, lambda n=n: _rollout(preset, model, vae, text, n, args.seed, window_chunks=window)
         )
@@ -155,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "first_frame_latency_s": first,
             "chunk_seconds": per_chunk,
         }
-    n_ref = chunks_for(args.reference_seconds, preset)
+    n_ref = preset.chunks_for(args.reference_seconds)
     ref_chunks, _, _ = _best_rollout(
         1, lambda: _rollout(preset, model, vae, text, n_ref, args.seed, window_chunks=window, use_cache=False)
     )

@@ -7,6 +7,7 @@ the schedule's time shift and the student's timesteps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,17 @@ class Preset:
     def clip_frames(self) -> int:
         """Training clip length in pixel frames (``1 + 4 (F - 1)``)."""
         return self.vae.pixel_frames(self.clip_latent_frames)
+
+    def frames_for(self, seconds: float) -> int:
+        """Pixel frames of ``seconds`` of video at the preset's frame rate (at least one)."""
+        return max(1, round(seconds * self.fps))
+
+    def chunks_for(self, seconds: float, given_latent_frames: int = 0) -> int:
+        """Chunks to generate for ``seconds`` of video after ``given_latent_frames`` of context (an encoded image is
+        one): latent frame 0 decodes to one pixel frame, every later one to the VAE's temporal factor."""
+        tf = self.vae.temporal_factor
+        latent_frames = 1 + math.ceil((self.frames_for(seconds) - 1) / tf)
+        return math.ceil((latent_frames - given_latent_frames) / self.chunk_frames)
 
     def latent_shape(self, latent_frames: int | None = None) -> tuple[int, int, int, int]:
         """``(F, C, h, w)`` of one sample's latents (default: a training clip)."""

@@ -50,12 +50,13 @@ def teacher_sample(
     num_steps: int = 50,
     guidance_scale: float = 5.0,
     record_timesteps: Sequence[int] = (),
-    mode: str = "bidirectional",
+    mode: str | None = "bidirectional",
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Trajectory:
     """Euler + CFG over a whole clip from ``noise [B, F, C, h, w]``; ``states`` at ``record_timesteps`` (names).
 
     The trajectories stage records the student's timesteps: ``record_timesteps=(1000, 750, 500, 250)``.
+    ``mode=None`` keeps the DiT's own attention mode.
     """
     emb, mask = text
 

@@ -5,7 +5,9 @@ Layout everywhere in this project: ``video: [B, T, 3, H, W]`` with pixels in [-1
 with zeros on the past side only) and every normalisation is per position (RMS over channels), so a latent
 frame's pixels depend only on it and earlier latent frames. Decoding can therefore stream: a
 :class:`StreamingDecoder` keeps the last inputs of each causal convolution and turns latent frames into pixel
-frames as they arrive (1 pixel frame for latent frame 0, then 4 per latent frame), equal to a whole-clip decode.
+frames as they arrive (1 pixel frame for latent frame 0, then 4 per latent frame), equal to a whole-clip decode;
+its twin, the :class:`StreamingEncoder`, encodes pixel frames as they arrive. Frames in files and on screens are
+``[..., H, W, 3]`` uint8: :func:`pixels_to_video` and :func:`video_to_pixels` convert between the two layouts.
 
 Latents leave ``encode`` normalised per channel, ``(z - latent_mean) / latent_std``, and ``decode`` undoes it, as
 Wan2.1's VAE does: the diffusion models noise them with unit-variance noise, so raw latents whose channels spread
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -24,6 +27,17 @@ from torch import Tensor, nn
 
 ConvCache = dict[nn.Module, Tensor]
 """Per-module streaming state: the trailing input frames of each causal convolution, ``[B, C, k-1, H, W]``."""
+
+
+def pixels_to_video(frames: np.ndarray | Tensor) -> Tensor:
+    """uint8 frames ``[..., H, W, 3]`` -> float pixels ``[..., 3, H, W]`` in [-1, 1], the layout the VAE reads."""
+    return torch.as_tensor(frames).movedim(-1, -3).float() / 127.5 - 1.0
+
+
+def video_to_pixels(video: Tensor) -> np.ndarray:
+    """Decoded pixels ``[..., 3, H, W]`` in [-1, 1] -> uint8 frames ``[..., H, W, 3]`` (clamped and rounded)."""
+    pixels = video.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return pixels.movedim(-3, -1).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -287,6 +301,9 @@ class VAE(nn.Module):
     def stream_decoder(self) -> StreamingDecoder:
         return StreamingDecoder(self)
 
+    def stream_encoder(self) -> StreamingEncoder:
+        return StreamingEncoder(self)
+
     def forward(self, video: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Training losses on ``video [B, T, 3, H, W]``: ``recon`` (mean squared error), ``kl`` (per element)."""
         mean, logvar = self._posterior(video)
@@ -337,3 +354,38 @@ class StreamingDecoder:
     def push(self, latents: Tensor) -> Tensor:
         z = rearrange(self.vae.denormalize(latents), "b f c h w -> b c f h w")
         return rearrange(self.vae.decoder(z, self.cache), "b c t h w -> b t c h w")
+
+
+class StreamingEncoder:
+    """Encode pixel frames as they arrive, equal to a whole-clip :meth:`VAE.encode` (the posterior mean).
+
+    Causal convolutions continue from their cached trailing inputs, as in :class:`StreamingDecoder`; each temporal
+    downsampling keeps the last frame it saw, so the first push must hold ``1 + 4n`` frames and every later push a
+    multiple of 4.  ``push(video [B, T, 3, H, W]) -> latents [B, T', C, h, w]``.
+    """
+
+    def __init__(self, vae: VAE) -> None:
+        self.vae = vae
+        self.cache: ConvCache = {}
+
+    def _down(self, down: Downsample, x: Tensor) -> Tensor:
+        x = down.spatial(x)
+        if down.temporal is None:
+            return x
+        past = self.cache.get(down)
+        pad = torch.cat([x[:, :, :1], x[:, :, :1]], dim=2) if past is None else past
+        self.cache[down] = x[:, :, -1:]
+        return down.temporal(torch.cat([pad, x], dim=2))
+
+    @torch.no_grad()
+    def push(self, video: Tensor) -> Tensor:
+        encoder, cfg = self.vae.encoder, self.vae.cfg
+        h = encoder.conv_in(rearrange(video, "b t c h w -> b c t h w"), self.cache)
+        for level in encoder.levels:
+            for block in level["blocks"]:
+                h = block(h, self.cache)
+            if "down" in level:
+                h = self._down(level["down"], h)
+        h = encoder.conv_out(encoder.mid(h, self.cache), self.cache)
+        mean = h[:, : cfg.latent_channels] if cfg.kl else h
+        return self.vae.normalize(rearrange(mean, "b c f h w -> b f c h w"))

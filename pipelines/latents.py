@@ -28,6 +28,8 @@ import ray
 import torch
 
 from infra import storage
+from model.vae import pixels_to_video
+from model.weights import MODEL_FILE, load_model
 from pipelines.workflow import StageContext
 
 LATENT_SCHEMA = pa.schema(
@@ -46,7 +48,6 @@ LATENT_SCHEMA = pa.schema(
         ("text_dim", pa.int32()),
     ]
 )
-VAE_FILE = "model.pt"
 
 
 def latent_rows(
@@ -152,8 +153,6 @@ class ShardEncoder:
     """Ray Data actor: loads the VAE once, encodes whole clip shards into latent shards."""
 
     def __init__(self, vae_uri: str, output_uri: str, batch_size: int, threads: int) -> None:
-        from training.weights import load_model
-
         torch.set_num_threads(threads)
         self.vae = load_model(vae_uri)
         self.output_uri = output_uri
@@ -186,8 +185,7 @@ class ShardEncoder:
 @torch.no_grad()
 def encode_frames(vae: torch.nn.Module, frames: np.ndarray) -> np.ndarray:
     """uint8 RGB clips [B, T, H, W, 3] -> posterior-mean latents [B, F, C, h, w] float32."""
-    video = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
-    return vae.encode(video).float().numpy()
+    return vae.encode(pixels_to_video(frames)).float().numpy()
 
 
 def latent_shard_name(clip_shard_uri: str) -> str:
@@ -196,7 +194,7 @@ def latent_shard_name(clip_shard_uri: str) -> str:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.config.vae
-    vae_uri = storage.join(ctx.inputs["vae"], VAE_FILE)
+    vae_uri = storage.join(ctx.inputs["vae"], MODEL_FILE)
     clip_shards = storage.parquet_files(ctx.inputs["clips"])
     jobs = [{"uri": uri, "name": latent_shard_name(uri)} for uri in clip_shards]
     pending = [job for job in jobs if not ctx.done(job["name"])]

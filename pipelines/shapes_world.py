@@ -2,7 +2,7 @@
 that says everything about it ("a red circle circling clockwise on a dark blue background").
 
 Every attribute is drawn independently from a seeded generator, so a caption can be checked from the
-pixels alone (see `evaluation/oracle.py`). Palettes are far apart in RGB so colours survive H.264 at
+pixels alone (see `pipelines/oracle.py`). Palettes are far apart in RGB so colours survive H.264 at
 64x64; motions are periodic so a clip of any length (3 s of training, 30 s of rollout) stays on-caption.
 The object spans a fifth of the frame: at 64x64 through the x4 VAE, a smaller one (0.15) comes back as a blob
 whose shape the oracle reads right in only 73 % of held-out clips, against 100 % at 0.2.
@@ -11,10 +11,8 @@ Coordinates are image coordinates: x to the right, y down; "clockwise" is clockw
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 
-import av
 import numpy as np
 
 OBJECT_COLORS: dict[str, tuple[int, int, int]] = {
@@ -162,31 +160,3 @@ def render(clip: ShapeClip, size: int = 64, fps: int = 12, seconds: float = 10.0
     color = np.asarray(OBJECT_COLORS[clip.color], dtype=np.float32)
     frames = background + coverage * (color - background)
     return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
-
-
-def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
-    """H.264 (yuv420p) MP4 bytes of `frames: [T, H, W, 3] uint8` (even H and W), one keyframe per second.
-
-    x264's macroblock tree is off: on frames this small it reads memory it never wrote, so the bytes varied with
-    the heap's history (between Ray workers, or under MALLOC_PERTURB_), and the synthetic stage promises the same
-    files on every run.  Without it the files are byte-identical however the heap looks."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "fast", "g": str(fps), "threads": "1", "x264-params": "mbtree=0"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def decode_video(data: bytes) -> np.ndarray:
-    """Every frame of a video file's bytes, through decord as the clips stage reads them.  -> [T, H, W, 3] uint8."""
-    import decord
-
-    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    return reader.get_batch(list(range(len(reader)))).asnumpy()

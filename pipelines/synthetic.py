@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import ray
 
 from infra import storage
-from pipelines.shapes_world import ShapeClip, encode_mp4, render, sample_clip
+from pipelines.shapes_world import ShapeClip, render, sample_clip
+from pipelines.video import encode_mp4
 from pipelines.workflow import StageContext
 
 MANIFEST_NAME = "manifest.parquet"

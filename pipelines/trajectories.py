@@ -40,6 +40,9 @@ import ray
 import torch
 
 from infra import storage, tracking
+from model.presets import get_preset
+from model.streaming import teacher_sample
+from model.weights import MODEL_FILE, load_model
 from pipelines.workflow import StageContext
 
 SOLVER = "euler"
@@ -123,9 +126,6 @@ class TeacherSolver:
     """Ray Data actor: loads the teacher once, solves whole prompt shards and writes each atomically."""
 
     def __init__(self, teacher_uri: str, output_uri: str, settings: Mapping[str, Any], threads: int | None) -> None:
-        from model.presets import get_preset
-        from training.weights import load_model
-
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if settings["use_gpu"] and torch.cuda.is_available() else "cpu")
@@ -147,8 +147,6 @@ class TeacherSolver:
         return {k: np.asarray(v) for k, v in out.items()}
 
     def solve(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from model.streaming import teacher_sample
-
         s = self.settings
         emb, mask = read_text([(p["text_uri"], p["text_row"]) for p in prompts])
         shape = self.preset.latent_shape()
@@ -225,9 +223,6 @@ def check_complete(output_uri: str, num_prompts: int) -> int:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from model.presets import get_preset
-    from training.harness import MODEL_FILE
-
     cfg = ctx.config.trajectories
     preset = get_preset(ctx.config.model.preset)
     teacher_manifest = storage.read_manifest(ctx.inputs["teacher"])

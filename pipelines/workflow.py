@@ -4,6 +4,7 @@ Every stage writes one output under `<root>/<stage>/<fingerprint>/`. The fingerp
 config section, its inputs' fingerprints and the code the stage runs, so a changed config or a new teacher
 gets a new folder and the old one stays. An output counts only once `_SUCCESS.json` is written last;
 a complete output is skipped, and an interrupted stage resumes by keeping the shards it finished.
+:func:`vae_of` follows the manifests back to the VAE behind an output.
 """
 
 from __future__ import annotations
@@ -241,6 +242,22 @@ def status(config: PipelineConfig) -> list[StageState]:
         state = "stale" if others else "missing"
         rows.append(StageState(name, state, uri, f"{len(others)} older output(s)" if others else ""))
     return rows
+
+
+def vae_of(output_uri: str) -> str | None:
+    """The VAE weights behind a stage output, through the manifests: the one its latents were encoded with (the
+    `latents` stage records it), else its own `vae` input's, else that of its `latents` or `teacher` input."""
+    from model.weights import MODEL_FILE  # here, not above: the CLI reads this module's DAG without loading torch
+
+    manifest = storage.read_manifest(output_uri)
+    recorded = manifest.get("summary", {}).get("vae")
+    if recorded and recorded != "None":
+        return str(recorded)
+    inputs = manifest.get("inputs", {})
+    if inputs.get("vae"):
+        return storage.join(inputs["vae"], MODEL_FILE)
+    upstream = inputs.get("latents") or inputs.get("teacher")
+    return vae_of(upstream) if upstream else None
 
 
 def _upstream(config: PipelineConfig, names: Iterable[str]) -> set[str]:

@@ -13,10 +13,9 @@ import torch
 from infra import storage
 from infra.config import PipelineConfig
 from model.presets import get_preset
+from model.weights import MODEL_FILE, save_model
 from pipelines.latents import latent_rows, write_latent_shard
 from pipelines.workflow import plan
-from training.harness import MODEL_FILE
-from training.weights import save_model
 
 TEACHER_RUN = "teacher-run-0001"
 ROWS_PER_SHARD = 6

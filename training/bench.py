@@ -22,7 +22,7 @@ from infra.config import load_config
 from model.presets import get_preset
 from pipelines.latents import latent_rows, training_dataset, write_latent_shard
 from training.harness import TrainJob, fit
-from training.teacher import TeacherTask
+from training.flow_matching import TeacherTask
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from infra import storage
+from model.weights import MODEL_FILE
 from pipelines.workflow import StageContext
-from training.harness import MODEL_FILE
-from training.teacher import train_teacher
+from training.flow_matching import train_teacher
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

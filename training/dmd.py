@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from infra import storage, tracking
+from infra import storage
 from infra.config import DmdConfig, load_config
 from model import schedule as sch
 from model.dit import DiT
@@ -42,11 +42,12 @@ from model.distillation import (
     sample_dmd_times,
 )
 from model.presets import get_preset
+from model.weights import MODEL_FILE, build_from_payload, read_payload
 from pipelines.latents import training_dataset
-from pipelines.workflow import StageContext
-from training.harness import MODEL_FILE, EngineSet, EngineSpec, Export, Models, TrainJob, TrainTask, fit
-from training.ode_init import finish_student, sample_text_for, sample_videos, train_regression, vae_of
-from training.weights import build_from_payload, read_payload
+from pipelines.workflow import StageContext, vae_of
+from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, stage_job
+from training.regression import train_regression
+from training.student_evaluation import finish_student, sample_text_for, sample_videos
 
 REAL_SCORE_MODE = {"bidirectional": "bidirectional", "causal": "block_causal"}
 
@@ -231,7 +232,7 @@ def _inputs(ctx: StageContext) -> tuple[str, str | None, str]:
     ode_init_uri = ctx.inputs["ode_init"]
     generator_init = storage.join(ode_init_uri if section.ode_init else ctx.inputs["teacher"], MODEL_FILE)
     trajectories_uri = storage.read_manifest(ode_init_uri)["inputs"]["trajectories"]
-    return generator_init, vae_of(ctx.inputs["teacher"], ctx.inputs["latents"]), trajectories_uri
+    return generator_init, vae_of(ctx.inputs["latents"]), trajectories_uri
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -255,19 +256,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         cfg_scale=cfg_scale,
         sample_text=sample_text_for(preset_name, section, ctx.config.teacher.seed),
     )
-    job = TrainJob(
-        name=ctx.name,
-        output_uri=ctx.output_uri,
-        section=section,
-        task=task,
-        dataset=training_dataset(ctx.inputs["latents"]),
-        preset=preset_name,
-        tracking_uri=tracking.tracking_uri(ctx.config),
-        run_id=ctx.run_id,
-        fps=p.fps,
-        extra={"stage": ctx.name, "fingerprint": ctx.fingerprint, "teacher": section.teacher, "ode_init": section.ode_init},
-    )
-    result = fit(job)
+    dataset = training_dataset(ctx.inputs["latents"])
+    result = fit(stage_job(ctx, section, task, dataset, teacher=section.teacher, ode_init=section.ode_init))
     summary: dict[str, Any] = {
         "model": result.model_uri,
         "init": generator_init,

@@ -7,7 +7,7 @@ stage's Ray Dataset (``ray.train.get_dataset_shard``), checkpoints every engine 
 RNG states and data position through ``ray.train.report`` into ``<output>/checkpoints`` (local or s3://),
 resumes from the latest checkpoint after a worker dies (``FailureConfig``) or when the stage is re-run, logs
 from rank 0 to the stage's MLflow run, and exports the final weights as a plain PyTorch file
-(:mod:`training.weights`).
+(:mod:`model.weights`). :func:`stage_job` builds the run of a stage, :func:`log_videos` logs sample videos.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ from torch import Tensor, nn
 
 from infra import storage, tracking
 from infra.config import TrainConfig
-from training import weights
+from model import weights
+from model.presets import get_preset
+from pipelines.video import encode_mp4
+from pipelines.workflow import StageContext
 
 CHECKPOINT_DIR = "checkpoints"
-MODEL_FILE = "model.pt"
+CHECKPOINT_TAG = "state"
 TRAIN_RUN_NAME = "train"
 log = logging.getLogger("causvid")
 
@@ -65,6 +68,11 @@ class Export:
     engine: str
     kind: str
     unwrap: Callable[[nn.Module], nn.Module] = lambda module: module
+
+
+def unwrap_dit(module: nn.Module) -> nn.Module:
+    """The DiT inside a stage's training wrapper (a loss module whose ``dit`` is the network)."""
+    return module.dit
 
 
 class EngineSet(dict):
@@ -126,6 +134,17 @@ class TrainJob:
     kill_rank: int = 0
 
 
+def stage_job(ctx: StageContext, section: TrainConfig, task: TrainTask, dataset: Any, **extra: Any) -> TrainJob:
+    """The training run of a stage: its output, MLflow run, preset and frame rate; ``extra`` (with the stage and its
+    fingerprint) goes into the exported weights file."""
+    preset = ctx.config.model.preset
+    return TrainJob(
+        name=ctx.name, output_uri=ctx.output_uri, section=section, task=task, dataset=dataset, preset=preset,
+        tracking_uri=tracking.tracking_uri(ctx.config), run_id=ctx.run_id, fps=get_preset(preset).fps,
+        extra={"stage": ctx.name, "fingerprint": ctx.fingerprint, **extra},
+    )
+
+
 @dataclass
 class FitResult:
     model_uri: str
@@ -178,6 +197,40 @@ def full_state_dict(engine: Any, zero_stage: int, is_rank0: bool) -> dict[str, T
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if is_rank0 else None
 
 
+def checkpoint_state_dict(checkpoint_dir: str | Path, engine: str, strip_prefix: str = "") -> dict[str, Tensor]:
+    """fp32 weights of one engine from a local harness checkpoint folder, at any ZeRO stage.
+
+    ZeRO 1-3 keep the fp32 weights in the optimiser partitions (DeepSpeed's ``zero_to_fp32`` gathers them);
+    stage 0 keeps them whole in the model states. ``strip_prefix`` drops a wrapper's prefix (``"dit."``).
+    """
+    folder = Path(checkpoint_dir, engine)
+    if list(Path(folder, CHECKPOINT_TAG).glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+    else:
+        state = torch.load(Path(folder, CHECKPOINT_TAG, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
+    return {k[len(strip_prefix) :]: v.float() for k, v in state.items() if k.startswith(strip_prefix)}
+
+
+def log_videos(
+    tracking_uri: str | None, run_id: str | None, videos: Mapping[str, np.ndarray] | np.ndarray, fps: int, artifact_path: str
+) -> None:
+    """Each video ``[T, H, W, 3]`` uint8 as ``<name>.mp4`` under ``artifact_path`` of an existing MLflow run; videos
+    in an array are named ``sample00``, ``sample01``, ..."""
+    if not (tracking_uri and run_id):
+        return
+    from mlflow.tracking import MlflowClient
+
+    named = videos if isinstance(videos, Mapping) else {f"sample{i:02d}": video for i, video in enumerate(videos)}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, frames in named.items():
+            path = Path(tmp, f"{name}.mp4")
+            path.write_bytes(encode_mp4(frames, fps))
+            client.log_artifact(run_id, str(path), artifact_path)
+
+
 def _crash_after_reports_are_collected() -> None:
     """The resume test's crash: SIGKILL once Ray Train's controller has polled the reports made so far (it polls
     every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), as for a crash well after a checkpoint; a kill
@@ -188,7 +241,7 @@ def _crash_after_reports_are_collected() -> None:
 
 
 class _Logger:
-    """Rank 0's sink: console lines, MLflow metrics, MP4 and weights artifacts of the stage's run."""
+    """Rank 0's sink: console lines and MLflow metrics of the stage's run."""
 
     def __init__(self, name: str, tracking_uri: str | None, run_id: str | None) -> None:
         self.name = name
@@ -207,10 +260,6 @@ class _Logger:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
         self.client.log_batch(self.run_id, metrics=batch)
-
-    def artifact(self, local_path: str | Path, artifact_path: str) -> None:
-        if self.client is not None:
-            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def console(self, step: int, total: int, values: Mapping[str, float]) -> None:
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
@@ -293,7 +342,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             for name, engine in engines.items():
-                engine.load_checkpoint(str(Path(folder, name)), tag=weights.CHECKPOINT_TAG)
+                engine.load_checkpoint(str(Path(folder, name)), tag=CHECKPOINT_TAG)
             states = sorted(Path(folder).glob("train_state_rank*.pt"))
             mine = Path(folder, f"train_state_rank{rank}.pt")
             state = torch.load(mine if mine.exists() else states[0], weights_only=False)
@@ -315,7 +364,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     def save(final: bool) -> None:
         folder = tempfile.mkdtemp(prefix=f"{job.name}-ckpt-")
         for name, engine in engines.items():
-            engine.save_checkpoint(str(Path(folder, name)), tag=weights.CHECKPOINT_TAG)
+            engine.save_checkpoint(str(Path(folder, name)), tag=CHECKPOINT_TAG)
         torch.save(
             {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": _rng_state()},
             Path(folder, f"train_state_rank{rank}.pt"),
@@ -367,19 +416,19 @@ def _train_loop(config: dict[str, Any]) -> None:
             sink.console(step, section.steps, last_metrics)
             window_start, window_steps, window_sums = time.perf_counter(), 0, {}
         if section.sample_every and step % section.sample_every == 0 and step < section.steps:
-            _log_samples(job, engines, frozen, section.zero_stage, step, sink)
+            plain = _plain_models(job, engines, section.zero_stage, sink is not None)
+            if sink is not None:
+                _log_samples(job, job.task.samples(step, plain, frozen), step)
         if step % section.checkpoint_every == 0 or step == section.steps:
             save(final=step == section.steps)
 
     plain = _plain_models(job, engines, section.zero_stage, rank == 0)
     if sink is not None:
         exported = job.task.export.unwrap(plain[job.task.export.engine])
-        uri = storage.join(job.output_uri, MODEL_FILE)
+        uri = storage.join(job.output_uri, weights.MODEL_FILE)
         weights.save_model(uri, exported, kind=job.task.export.kind, preset=job.preset, step=step, extra=job.extra)
         tracking.log_file_artifact(job.tracking_uri, job.run_id, uri, "weights")
-        with tempfile.TemporaryDirectory() as tmp:
-            videos = job.task.samples(step, plain, frozen)
-            _write_videos(videos, job.fps, Path(tmp), f"samples/step_{step:07d}", sink)
+        _log_samples(job, job.task.samples(step, plain, frozen), step)
 
 
 def _plain_models(job: TrainJob, engines: Mapping[str, Any], zero_stage: int, is_rank0: bool) -> dict[str, nn.Module]:
@@ -394,21 +443,8 @@ def _plain_models(job: TrainJob, engines: Mapping[str, Any], zero_stage: int, is
     return plain
 
 
-def _log_samples(job: TrainJob, engines: Mapping[str, Any], frozen: Mapping[str, nn.Module], zero_stage: int, step: int, sink: _Logger | None) -> None:
-    plain = _plain_models(job, engines, zero_stage, sink is not None)
-    if sink is None:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_videos(job.task.samples(step, plain, frozen), job.fps, Path(tmp), f"samples/step_{step:07d}", sink)
-
-
-def _write_videos(videos: Mapping[str, np.ndarray], fps: int, folder: Path, artifact_path: str, sink: _Logger) -> None:
-    from pipelines.shapes_world import encode_mp4
-
-    for name, frames in videos.items():
-        path = folder / f"{name}.mp4"
-        path.write_bytes(encode_mp4(frames, fps))
-        sink.artifact(path, artifact_path)
+def _log_samples(job: TrainJob, videos: Mapping[str, np.ndarray], step: int) -> None:
+    log_videos(job.tracking_uri, job.run_id, videos, job.fps, f"samples/step_{step:07d}")
 
 
 def checkpoint_root(output_uri: str) -> str:
@@ -446,7 +482,7 @@ def fit(job: TrainJob) -> FitResult:
     if result.checkpoint is not None:
         checkpoint_uri = ("s3://" if storage.is_s3(root) else "") + result.checkpoint.path
     return FitResult(
-        model_uri=storage.join(job.output_uri, MODEL_FILE),
+        model_uri=storage.join(job.output_uri, weights.MODEL_FILE),
         steps=int(metrics.get("step", 0)),
         metrics=metrics,
         checkpoint_uri=checkpoint_uri,

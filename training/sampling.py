@@ -1,59 +1,46 @@
-"""Many-step CFG sampling of a DiT, VAE decoding, and the oracle's text-alignment score of the samples.
+"""How a training stage evaluates what it trained: samples of held-out prompts, scored by the pixel oracle.
 
-Shared by the teacher stages (samples logged during training, the final alignment figure) and by the VAE stage
-(round-trip accuracy). Videos leave here as ``[B, T, H, W, 3]`` uint8, the oracle's layout.
+The teacher stages draw many-step CFG samples (:func:`generate_videos`), the student stages 4-step streaming ones
+(:func:`stream_videos`: Algorithm 2 with the KV cache), both from seeded noise for the shapes world's held-out
+prompts (:func:`heldout_text`). Videos leave here as ``[B, T, H, W, 3]`` uint8, the oracle's layout;
+:func:`alignment_scores` scores them and :func:`publish_alignment` writes and logs the result.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from infra import storage, tracking
 from model.dit import DiT
+from model.presets import get_preset
 from model.schedule import FlowSchedule
+from model.streaming import stream, teacher_sample
+from model.text import build_text_encoder
+from model.vae import video_to_pixels
+from pipelines.oracle import oracle_alignment
+from pipelines.shapes_world import heldout_prompts
+from pipelines.workflow import StageContext
+from training.harness import log_videos
 
-ORACLE_KEYS = ("color", "shape", "motion", "background")
+SAMPLE_SEED = 4321
 
 
-def to_uint8(video: Tensor) -> np.ndarray:
-    """Decoded pixels ``[B, T, 3, H, W]`` in [-1, 1] -> ``[B, T, H, W, 3]`` uint8."""
-    pixels = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 1, 3, 4, 2).cpu().numpy()
-
-
-@torch.no_grad()
-def sample_latents(
-    dit: DiT,
-    text_emb: Tensor,
-    text_mask: Tensor,
-    latent_shape: Sequence[int],
-    *,
-    schedule: FlowSchedule,
-    steps: int,
-    guidance_scale: float,
-    seed: int,
-    mode: str | None = None,
-) -> Tensor:
-    """Euler ODE from seeded noise to x0 with CFG.  text_emb: [B, L, D] -> latents [B, F, C, h, w]."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((text_emb.shape[0], *latent_shape), generator=generator)
-    noise = noise.to(text_emb.device)
-
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        return dit.guided_velocity(x, t, text_emb, text_mask, guidance_scale, mode=mode)
-
-    return schedule.solve(velocity, noise, steps).x0
+def prompt_embeddings(preset_name: str, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Caption embeddings ``[N, L, D]`` float32 and masks ``[N, L]`` with the preset's text encoder."""
+    p = get_preset(preset_name)
+    emb, mask = build_text_encoder(p.text_encoder, max_length=p.text_len).encode(list(captions))
+    return emb.numpy().astype(np.float32), mask.numpy()
 
 
 @torch.no_grad()
 def generate_videos(
     dit: DiT,
-    vae: torch.nn.Module,
+    vae: nn.Module,
     text_emb: Tensor,
     text_mask: Tensor,
     latent_shape: Sequence[int],
@@ -65,52 +52,76 @@ def generate_videos(
     batch_size: int = 16,
     mode: str | None = None,
 ) -> np.ndarray:
-    """Samples for every caption embedding, decoded to pixels: ``[B, T, H, W, 3]`` uint8."""
+    """Euler + CFG samples from seeded noise (per batch) for every caption embedding, decoded to pixels.
+
+    ``text_emb [B, L, D]``, ``latent_shape = (F, C, h, w)``; ``mode`` overrides the DiT's attention mode.
+    """
     videos = []
     for start in range(0, text_emb.shape[0], batch_size):
-        stop = start + batch_size
-        z = sample_latents(
-            dit,
-            text_emb[start:stop],
-            text_mask[start:stop],
-            latent_shape,
-            schedule=schedule,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed + start,
-            mode=mode,
-        )
-        videos.append(to_uint8(vae.decode(z)))
+        emb, mask = text_emb[start : start + batch_size], text_mask[start : start + batch_size]
+        noise = torch.randn((emb.shape[0], *latent_shape), generator=torch.Generator().manual_seed(seed + start))
+        x0 = teacher_sample(
+            dit, (emb, mask), noise.to(emb.device), schedule, num_steps=steps, guidance_scale=guidance_scale, mode=mode
+        ).x0
+        videos.append(video_to_pixels(vae.decode(x0)))
     return np.concatenate(videos)
 
 
-def oracle_alignment(videos: np.ndarray, expected: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Fraction of videos whose oracle reading matches the prompt, per attribute, plus the readings themselves."""
-    from evaluation.oracle import describe
+@torch.no_grad()
+def stream_videos(
+    student: DiT,
+    vae: nn.Module,
+    text_emb: Tensor,
+    text_mask: Tensor,
+    preset_name: str,
+    *,
+    latent_frames: int | None = None,
+    seed: int = SAMPLE_SEED,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """4-step chunk-by-chunk samples (KV cache, sliding window) of ``latent_frames`` (the training clip's length
+    by default), decoded to pixels."""
+    p = get_preset(preset_name)
+    frames, channels, height, width = p.latent_shape(latent_frames)
+    videos = []
+    for start in range(0, text_emb.shape[0], batch_size):
+        emb, mask = text_emb[start : start + batch_size], text_mask[start : start + batch_size]
+        chunks = stream(
+            student,
+            (emb, mask),
+            num_chunks=-(-frames // p.chunk_frames),
+            latent_shape=(channels, height, width),
+            schedule=p.schedule(),
+            timesteps=p.student_timesteps,
+            window_chunks=p.window_chunks,
+            vae=vae,
+            generator=torch.Generator().manual_seed(seed + start),
+        )
+        videos.append(video_to_pixels(torch.cat([c.video for c in chunks], dim=1)))
+    return np.concatenate(videos)
 
-    found = [describe(video) for video in videos]
-    scores: dict[str, Any] = {}
-    for key in ORACLE_KEYS:
-        pairs = [(f[key], e[key]) for f, e in zip(found, expected) if key in e]
-        if pairs:
-            scores[f"{key}_accuracy"] = float(np.mean([a == b for a, b in pairs]))
-    scores["present"] = float(np.mean([f["present"] for f in found])) if found else 0.0
-    scores["detected"] = found
-    return scores
+
+def heldout_text(preset_name: str, num: int, seed: int) -> tuple[list[dict[str, Any]], tuple[np.ndarray, np.ndarray]]:
+    """The shapes world's first ``num`` held-out prompts for ``seed`` (the teacher's seed for every model, so all
+    are scored on the same captions) and their caption embeddings."""
+    prompts = heldout_prompts(num, seed=seed)
+    return prompts, prompt_embeddings(preset_name, [p["caption"] for p in prompts])
 
 
-def attributes(meta: str) -> dict[str, Any]:
-    """The shapes-world attributes carried in a clip's `meta` JSON (empty for captions of other sources)."""
-    try:
-        value = json.loads(meta) if meta else {}
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+def alignment_scores(videos: np.ndarray, prompts: Sequence[dict[str, Any]], **settings: Any) -> dict[str, Any]:
+    """The oracle's alignment of samples with their prompts, with the sampling ``settings``, and the first samples."""
+    scores = oracle_alignment(videos, prompts)
+    scores.update({"prompts": len(prompts), **settings})
+    scores["captions"] = [p["caption"] for p in prompts]
+    return {"scores": scores, "videos": videos[:8]}
 
 
-def encode_prompts(captions: Sequence[str], kind: str, max_length: int) -> tuple[Tensor, Tensor]:
-    """Caption embeddings ``[N, L, D]`` and masks ``[N, L]`` with the preset's text encoder."""
-    from model.text import build_text_encoder
-
-    encoder = build_text_encoder(kind, max_length=max_length)
-    return encoder.encode(list(captions))
+def publish_alignment(ctx: StageContext, evaluated: dict[str, Any]) -> dict[str, Any]:
+    """Write a stage's ``eval/alignment.json`` and log its samples (``eval_samples/``); the summary's oracle figures."""
+    scores = evaluated["scores"]
+    storage.write_json(ctx.output("eval", "alignment.json"), scores)
+    fps = get_preset(ctx.config.model.preset).fps
+    log_videos(tracking.tracking_uri(ctx.config), ctx.run_id, evaluated["videos"], fps, "eval_samples")
+    summary = {f"oracle_{k}": v for k, v in scores.items() if k.endswith("_accuracy") or k == "present"}
+    summary["eval_prompts"] = scores["prompts"]
+    return summary

@@ -24,18 +24,14 @@ from torch import Tensor, nn
 from infra import storage, tracking
 from infra.config import VaeConfig
 from model.presets import get_preset
-from model.vae import VAE
+from model.vae import VAE, pixels_to_video, video_to_pixels
+from model.weights import load_model, read_payload, save_model
+from pipelines.clips import decode_clips
+from pipelines.oracle import attributes, oracle_alignment
 from pipelines.workflow import StageContext
-from training import sampling
-from training.harness import EngineSet, EngineSpec, Export, Models, TrainJob, TrainTask, fit
-from training.weights import load_model, read_payload, save_model
+from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, log_videos, stage_job
 
 SAMPLE_CLIPS = 2
-
-
-def pixels_to_video(frames: Tensor) -> Tensor:
-    """uint8 ``[B, T, H, W, 3]`` -> float ``[B, T, 3, H, W]`` in [-1, 1]."""
-    return frames.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
 
 
 def spatial_gradients(video: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,15 +109,13 @@ def roundtrip(vae: VAE, frames: np.ndarray, batch_size: int = 4) -> np.ndarray:
     """Encode (posterior mean) and decode uint8 clips ``[B, T, H, W, 3]``; same layout back."""
     out = []
     for start in range(0, len(frames), batch_size):
-        video = pixels_to_video(torch.from_numpy(frames[start : start + batch_size]))
-        out.append(sampling.to_uint8(vae.decode(vae.encode(video))))
+        video = pixels_to_video(frames[start : start + batch_size])
+        out.append(video_to_pixels(vae.decode(vae.encode(video))))
     return np.concatenate(out)
 
 
 def read_clip_frames(batch: dict[str, np.ndarray], holdout: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Ray Data batch of clip-shard URIs -> ``frames [N, T, H, W, 3]`` uint8 of the clips not held out."""
-    from pipelines.clips import decode_clips
-
     table = pa.concat_tables([storage.read_parquet(str(uri)) for uri in batch["uri"]])
     keep = [i for i, clip_id in enumerate(table["clip_id"].to_pylist()) if clip_id not in holdout]
     rows = table.take(keep).to_pydict()
@@ -163,7 +157,7 @@ def measure_latent_stats(model_uri: str, clips_uri: str, holdout: frozenset[str]
         frames = read_clip_frames({"uri": [uri]}, holdout)["frames"][: count - seen]
         with torch.no_grad():
             for start in range(0, len(frames), 4):
-                raw.append(vae.encode_raw(pixels_to_video(torch.from_numpy(frames[start : start + 4]))))
+                raw.append(vae.encode_raw(pixels_to_video(frames[start : start + 4])))
         seen += len(frames)
         if seen >= count:
             break
@@ -174,14 +168,12 @@ def measure_latent_stats(model_uri: str, clips_uri: str, holdout: frozenset[str]
 
 def evaluate_roundtrip(model_uri: str, rows: dict[str, list[Any]]) -> dict[str, Any]:
     """PSNR and oracle accuracy of the whole-clip round trip of held-out clips."""
-    from pipelines.clips import decode_clips
-
     frames = decode_clips(rows)["frames"]
     recon = roundtrip(load_model(model_uri), frames)
     mse = float(np.mean((recon.astype(np.float64) - frames.astype(np.float64)) ** 2) / 255.0**2)
-    expected = [sampling.attributes(m) for m in rows["meta"]]
-    after = sampling.oracle_alignment(recon, expected)
-    before = sampling.oracle_alignment(frames, expected)
+    expected = [attributes(m) for m in rows["meta"]]
+    after = oracle_alignment(recon, expected)
+    before = oracle_alignment(frames, expected)
     scores: dict[str, Any] = {"clips": len(frames), "psnr": psnr_from_mse(mse)}
     keys = [k for k in after if k.endswith("_accuracy")]
     scores.update({f"oracle_{k}": after[k] for k in keys})
@@ -200,8 +192,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     clips_uri = ctx.inputs["clips"]
     held = heldout_rows(clips_uri, section.eval_clips)
     holdout = frozenset(held["clip_id"])
-    from pipelines.clips import decode_clips
-
     task = VaeTask(
         preset=preset_name,
         lr=section.lr,
@@ -212,19 +202,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         sample_frames=decode_clips({k: v[:SAMPLE_CLIPS] for k, v in held.items()})["frames"],
     )
     uri = tracking.tracking_uri(ctx.config)
-    job = TrainJob(
-        name=ctx.name,
-        output_uri=ctx.output_uri,
-        section=section,
-        task=task,
-        dataset=clip_dataset(clips_uri, holdout),
-        preset=preset_name,
-        tracking_uri=uri,
-        run_id=ctx.run_id,
-        fps=p.fps,
-        extra={"stage": ctx.name, "fingerprint": ctx.fingerprint},
-    )
-    result = fit(job)
+    result = fit(stage_job(ctx, section, task, clip_dataset(clips_uri, holdout)))
     measure = ray.remote(num_cpus=1)(measure_latent_stats)
     stats = ray.get(measure.remote(result.model_uri, clips_uri, holdout, section.stats_clips))
     storage.write_json(ctx.output("eval", "latent_stats.json"), stats)
@@ -233,8 +211,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     out = ray.get(evaluate.remote(result.model_uri, held))
     scores = out["scores"]
     storage.write_json(ctx.output("eval", "roundtrip.json"), scores)
-    from training.teacher import log_videos
-
     log_videos(uri, ctx.run_id, out["videos"], p.fps, "eval_roundtrip")
     summary: dict[str, Any] = {"model": result.model_uri, "train_seconds": round(result.seconds, 1)}
     summary.update({k: v for k, v in scores.items() if isinstance(v, float)})

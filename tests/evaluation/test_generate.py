@@ -5,7 +5,6 @@ input video), and one-line errors."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -15,24 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.generate import (
-    Checkpoint,
-    Generator,
-    Mp4Writer,
-    Request,
-    StreamingEncoder,
-    VideoSource,
-    resolve_checkpoint,
-    to_tensor,
-    to_uint8,
-)
+from evaluation.checkpoint import Checkpoint, resolve_checkpoint
+from evaluation.generate import Generator, frames_to_video
+from evaluation.request import Request
 from infra import storage, tracking
 from infra.cli import main
 from model.presets import get_preset
 from model.streaming import stream
 from model.text import build_text_encoder
-from pipelines.shapes_world import ShapeClip, encode_mp4, render
-from training.harness import MODEL_FILE
+from model.vae import video_to_pixels
+from model.weights import MODEL_FILE
+from pipelines.shapes_world import ShapeClip, render
+from pipelines.video import encode_mp4
+from tests.live_mp4 import LiveMp4
 
 A = "a red circle bouncing left and right on a black background"
 B = "a blue square bouncing up and down on a black background"
@@ -122,9 +116,9 @@ def test_image_to_video_starts_from_the_image_round_trip_held_in_the_cache(gener
     image = render(CLIP, size=64, fps=12, seconds=0.1)[0]
     chunks = list(generator.chunks(Request(A, seconds=1.5, image=image, seed=1)))
     assert chunks[0].given and len(chunks[0].frames) == 1 and sum(len(c.frames) for c in chunks) == 18
-    encoded = generator.vae.encode(to_tensor([image], torch.device("cpu")))
+    encoded = generator.vae.encode(frames_to_video([image], torch.device("cpu")))
     torch.testing.assert_close(chunks[0].latents, encoded)
-    round_trip = to_uint8(generator.vae.decode(encoded))[0]
+    round_trip = video_to_pixels(generator.vae.decode(encoded))[0, 0]
     assert np.abs(chunks[0].frames[0].astype(int) - round_trip.astype(int)).max() <= 1
     assert np.abs(round_trip.astype(int) - image.astype(int)).mean() < 12
 
@@ -141,49 +135,17 @@ def test_image_to_video_starts_from_the_image_round_trip_held_in_the_cache(gener
     assert not torch.equal(other[1].latents, chunks[1].latents)  # same seed: only the cached image differs
 
 
-def test_streaming_encoder_equals_whole_clip_encode(generator: Generator) -> None:
-    video = torch.rand(1, 1 + 4 * 8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    encoder = StreamingEncoder(generator.vae)
-    parts = [encoder.push(video[:, :9]), encoder.push(video[:, 9:21]), encoder.push(video[:, 21:])]
-    torch.testing.assert_close(torch.cat(parts, dim=1), generator.vae.encode(video), atol=1e-5, rtol=1e-5)
-
-
-def test_video_source_resamples_rate_and_size(tmp_path: Path) -> None:
-    frames = np.zeros((24, 32, 48, 3), np.uint8)
-    frames[:, :, :, 0] = np.arange(24)[:, None, None] * 10
-    path = tmp_path / "fast.mp4"
-    path.write_bytes(encode_mp4(frames, 24))
-    read = np.stack(list(VideoSource(path, fps=12, height=16, width=16)))
-    assert read.shape == (12, 16, 16, 3)
-    assert np.abs(read[:, 8, 8, 0].astype(int) - np.arange(0, 240, 20)).max() <= 3
-
-
 def test_video_to_video_consumes_a_growing_mp4_chunk_by_chunk(generator: Generator, tmp_path: Path) -> None:
     source = render(CLIP, size=64, fps=12, seconds=3.0)
     path = tmp_path / "live.mp4"
-    first_chunk_out = threading.Event()
-    log: list[str] = []
-
-    def write() -> None:
-        with Mp4Writer(path, 12, 64, 64) as writer:
-            writer.write(source[:24])
-            log.append("waited" if first_chunk_out.wait(timeout=120) else "timed out")
-            writer.write(source[24:])
-        log.append("closed")
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    while not path.exists() or path.stat().st_size < 100:
-        time.sleep(0.02)
     request = Request(B, video=path, strength=0.5, seed=2, idle_seconds=300)
     live = []
-    for chunk in generator.chunks(request):
-        live.append(chunk)
-        if len(live) == 1:
-            log.append("first chunk")
-            first_chunk_out.set()
-    writer.join()
-    assert log == ["first chunk", "waited", "closed"]
+    with LiveMp4(path, source, 12, head=24) as live_file:
+        for chunk in generator.chunks(request):
+            live.append(chunk)
+            if len(live) == 1:
+                live_file.resume()
+    assert live_file.log == ["resumed", "waited", "closed"]
     assert sum(len(c.frames) for c in live) == len(source)
     offline = list(generator.chunks(request))
     assert len(offline) == len(live) == 4

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evaluation import metrics
-from evaluation.oracle import score_video
+from pipelines.oracle import score_video
 from pipelines.shapes_world import ShapeClip, render
 
 FPS = 12

@@ -11,8 +11,8 @@ from infra import storage, tracking
 from infra.cli import main
 from infra.config import PipelineConfig, load_config
 from model.presets import get_preset
+from model.weights import MODEL_FILE, save_model
 from pipelines.workflow import plan, run_stages
-from training.weights import save_model
 
 SECONDS = 3
 
@@ -29,11 +29,11 @@ def untrained_inputs(tmp_path_factory: pytest.TempPathFactory) -> PipelineConfig
     the_plan = plan(config)
     preset = get_preset("tiny")
     torch.manual_seed(0)
-    save_model(storage.join(the_plan.output_uri("vae"), "model.pt"), preset.build_vae(), kind="vae", preset="tiny", step=0)
+    save_model(storage.join(the_plan.output_uri("vae"), MODEL_FILE), preset.build_vae(), kind="vae", preset="tiny", step=0)
     for stage, mode in [("teacher", "bidirectional"), ("causal_teacher", "block_causal"), ("ode_init", "block_causal"),
                         ("dmd", "block_causal")]:
         dit = preset.build_dit(attention_mode=mode)
-        save_model(storage.join(the_plan.output_uri(stage), "model.pt"), dit, kind="dit", preset="tiny", step=0)
+        save_model(storage.join(the_plan.output_uri(stage), MODEL_FILE), dit, kind="dit", preset="tiny", step=0)
     for stage in ("vae", "teacher", "causal_teacher", "ode_init", "dmd"):
         storage.write_manifest(the_plan.output_uri(stage), {"fingerprint": the_plan.fingerprints[stage]})
     return config

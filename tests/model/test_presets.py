@@ -70,3 +70,14 @@ def test_tiny_preset_end_to_end_shapes() -> None:
 def test_unknown_preset_names_the_known_ones() -> None:
     with pytest.raises(KeyError, match="tiny"):
         get_preset("huge")
+
+
+def test_chunks_cover_the_requested_seconds() -> None:
+    tiny = get_preset("tiny")
+    frames = lambda c: 1 + 4 * (3 * c - 1)  # noqa: E731  pixel frames of c chunks of 3 latent frames
+    for seconds in (0.5, 1.0, 2.5, 10.0, 30.0):
+        n = tiny.chunks_for(seconds)
+        assert tiny.frames_for(seconds) == round(seconds * tiny.fps)
+        assert frames(n) >= seconds * tiny.fps > frames(n - 1)
+    # after an encoded image (one latent frame, one pixel frame) every chunk adds 12 frames
+    assert [tiny.chunks_for(s, given_latent_frames=1) for s in (1 / 12, 1.0, 1.5, 2.0)] == [0, 1, 2, 2]

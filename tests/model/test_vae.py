@@ -1,11 +1,13 @@
-"""Causal VAE: shapes for 1 + 4n frames, causality, and streaming decode equal to whole-clip decode."""
+"""Causal VAE: shapes for 1 + 4n frames, causality, streaming decode and encode equal to whole-clip ones, and the
+uint8 pixel conversions."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from model.vae import VAE, VAEConfig
+from model.vae import VAE, ResBlock, VAEConfig, pixels_to_video, video_to_pixels
 
 
 def _video(frames: int, size: int = 16, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -48,6 +50,32 @@ def test_streaming_decode_equals_whole_clip(tiny_vae: VAE) -> None:
     assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-5)
     assert [c.shape[1] for c in chunks] == [1, 12, 8]
     assert torch.allclose(torch.cat(chunks, 1), whole, atol=1e-5)
+
+
+def test_streaming_encode_equals_whole_clip() -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(latent_channels=4, channels=(8, 16, 16), temporal_down=(True, True))).eval()
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, ResBlock):
+                module.gain.normal_()  # open the residual branches, whose causal convolutions stream too
+    video = _video(1 + 4 * 8, batch=1)
+    vae.set_latent_stats(vae.encode_raw(video))
+    encoder = vae.stream_encoder()
+    parts = [encoder.push(video[:, :9]), encoder.push(video[:, 9:21]), encoder.push(video[:, 21:])]
+    assert [p.shape[1] for p in parts] == [3, 3, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(parts, dim=1), vae.encode(video), atol=1e-5, rtol=1e-5)
+
+
+def test_pixel_conversions_round_trip_and_clamp() -> None:
+    frames = np.random.default_rng(0).integers(0, 256, (2, 3, 5, 7, 3), dtype=np.uint8)
+    video = pixels_to_video(frames)
+    assert video.shape == (2, 3, 3, 5, 7) and video.dtype == torch.float32
+    assert video.min() >= -1.0 and video.max() <= 1.0
+    assert np.array_equal(video_to_pixels(video), frames)
+    assert np.array_equal(video_to_pixels(video[0, 0]), frames[0, 0])
+    assert video_to_pixels(torch.tensor([[[2.0]], [[-3.0]], [[0.0]]])).tolist() == [[[255, 0, 128]]]
 
 
 def test_encoder_and_decoder_are_causal(tiny_vae: VAE) -> None:

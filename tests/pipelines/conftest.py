@@ -8,7 +8,8 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
-from pipelines.shapes_world import encode_mp4, render, sample_clip
+from pipelines.shapes_world import render, sample_clip
+from pipelines.video import encode_mp4
 
 # name -> (lavfi source, seconds, encoder arguments)
 SOURCES: dict[str, tuple[str, float, list[str]]] = {

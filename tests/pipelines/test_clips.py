@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from evaluation.oracle import describe
 from infra import storage
 from infra.config import load_config
 from pipelines import clips
+from pipelines.oracle import describe
 from pipelines.workflow import StageContext
 
 CLIP_FRAMES = 17

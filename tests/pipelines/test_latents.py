@@ -12,11 +12,11 @@ import torch
 
 from infra import storage
 from model.presets import get_preset
+from model.weights import MODEL_FILE, load_model, save_model
 from pipelines import latents
 from pipelines.clips import CLIP_SCHEMA
 from pipelines.shapes_world import render, sample_clip
 from pipelines.workflow import StageContext
-from training.weights import save_model
 
 FRAMES = 5
 
@@ -59,7 +59,7 @@ def inputs(tmp_path: Path) -> dict[str, str]:
         storage.write_parquet(storage.join(clips_uri, f"clips-g{shard:05d}-000.parquet"), pa.Table.from_pylist(rows, schema=CLIP_SCHEMA))
     storage.write_manifest(clips_uri, {"stage": "clips"})
     torch.manual_seed(0)
-    save_model(storage.join(vae_uri, "model.pt"), get_preset("tiny").build_vae(), kind="vae", preset="tiny", step=0)
+    save_model(storage.join(vae_uri, MODEL_FILE), get_preset("tiny").build_vae(), kind="vae", preset="tiny", step=0)
     storage.write_manifest(vae_uri, {"stage": "vae"})
     return {"clips": clips_uri, "vae": vae_uri}
 
@@ -81,9 +81,7 @@ def test_latents_stage_encodes_every_clip_and_resumes(ray_local, make_config, tm
     assert np.all(arrays["text_emb"][:, :2, 0] == np.arange(1, 7)[:, None])
 
     frames = np.stack([np.frombuffer(r["frames"], np.uint8).reshape(FRAMES, 64, 64, 3) for r in expected_rows])
-    from training.weights import load_model
-
-    direct = latents.encode_frames(load_model(storage.join(inputs["vae"], "model.pt")), frames)
+    direct = latents.encode_frames(load_model(storage.join(inputs["vae"], MODEL_FILE)), frames)
     np.testing.assert_allclose(arrays["latents"], direct, rtol=1e-4, atol=1e-5)
 
     storage.write_manifest(out, {"stage": "latents"})
@@ -96,9 +94,8 @@ def test_latents_stage_encodes_every_clip_and_resumes(ray_local, make_config, tm
 
 def test_vae_latent_stats_whiten_the_encoded_training_clips(inputs: dict[str, str]) -> None:
     from training.vae import measure_latent_stats
-    from training.weights import load_model
 
-    model_uri = storage.join(inputs["vae"], "model.pt")
+    model_uri = storage.join(inputs["vae"], MODEL_FILE)
     stats = measure_latent_stats(model_uri, inputs["clips"], frozenset({"000005-0000"}), count=4)
     assert stats["clips"] == 4 and len(stats["latent_std"]) == 8
     vae = load_model(model_uri)

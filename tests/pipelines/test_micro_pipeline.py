@@ -8,9 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from infra import storage, tracking
 from infra.config import PipelineConfig
+from model.weights import MODEL_FILE, read_payload
 from pipelines.workflow import run_stages, select_stages
-from training.harness import MODEL_FILE
-from training.weights import read_payload
 
 
 def test_every_stage_to_the_student_is_complete_and_trained(

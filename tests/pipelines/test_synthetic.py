@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import ray
 
-from evaluation.oracle import describe
 from infra import storage
 from infra.config import load_config
 from pipelines import clips, synthetic
-from pipelines.shapes_world import decode_video, sample_clip
+from pipelines.oracle import describe
+from pipelines.shapes_world import sample_clip
+from pipelines.video import decode_video
 from pipelines.workflow import StageContext
 
 SETTINGS = ["synthetic.num_videos=6", "synthetic.seconds=2", "synthetic.videos_per_task=2", "synthetic.seed=11"]

@@ -16,10 +16,9 @@ import torch
 from infra import storage, tracking
 from model.presets import get_preset
 from model.streaming import teacher_sample
+from model.weights import MODEL_FILE, load_model
 from pipelines import trajectories
 from pipelines.workflow import plan, run_stages
-from training.harness import MODEL_FILE
-from training.weights import load_model
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 REPO = Path(__file__).resolve().parents[2]

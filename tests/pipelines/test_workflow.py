@@ -7,6 +7,7 @@ import pytest
 
 from infra import storage, tracking
 from infra.config import ConfigError
+from model.weights import MODEL_FILE
 from pipelines import workflow
 from pipelines.workflow import STAGES, StageContext, plan, run_stages, select_stages, status
 
@@ -44,6 +45,19 @@ def test_fingerprints_follow_the_dag(make_config) -> None:
     ]
     assert plan(make_config(), code="other").fingerprints["synthetic"] != base["synthetic"]
     assert plan(make_config("ray.num_cpus=1"), code="c").fingerprints == base
+
+
+def test_vae_of_follows_the_manifests(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    vae, latents, teacher, student, evaluate = (str(root / name) for name in ("vae", "latents", "teacher", "ode_init", "evaluate"))
+    storage.write_manifest(vae, {"stage": "vae", "inputs": {"clips": str(root / "clips")}})
+    storage.write_manifest(latents, {"stage": "latents", "inputs": {"vae": vae}, "summary": {"vae": f"{vae}/encoder.pt"}})
+    storage.write_manifest(teacher, {"stage": "teacher", "inputs": {"latents": latents}})
+    storage.write_manifest(student, {"stage": "ode_init", "inputs": {"trajectories": str(root / "t"), "teacher": teacher}})
+    storage.write_manifest(evaluate, {"stage": "evaluate", "inputs": {"vae": vae, "teacher": teacher}})
+    assert {workflow.vae_of(uri) for uri in (latents, teacher, student)} == {f"{vae}/encoder.pt"}
+    assert workflow.vae_of(evaluate) == storage.join(vae, MODEL_FILE)
+    assert workflow.vae_of(vae) is None
 
 
 def test_complete_output_is_skipped_and_config_change_reruns(make_config) -> None:
@@ -127,9 +141,10 @@ def test_secrets_are_redacted() -> None:
 
 def test_code_version_follows_each_stage_s_imports() -> None:
     teacher = workflow.project_imports("training.teacher")
-    assert {"training.teacher", "training.harness", "model.dit", "model.schedule"} <= teacher
+    assert {"training.teacher", "training.flow_matching", "training.harness", "model.dit", "model.schedule"} <= teacher
+    assert {"training.sampling", "model.weights", "pipelines.oracle", "pipelines.video"} <= teacher
     assert not any(name.startswith("infra") for name in teacher) and "pipelines.workflow" not in teacher
     synthetic = workflow.project_imports("pipelines.synthetic")
-    assert "pipelines.shapes_world" in synthetic and "model.dit" not in synthetic
+    assert {"pipelines.shapes_world", "pipelines.video"} <= synthetic and "model.dit" not in synthetic
     assert len(workflow.code_version("training.teacher")) == 12
     assert workflow.code_version("training.teacher") != workflow.code_version("pipelines.synthetic")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from infra.config import load_config
+from model.weights import load_model, read_payload
 from pipelines.latents import training_dataset
-from training.harness import CHECKPOINT_DIR, TRAIN_RUN_NAME, FitResult, TrainJob, fit
-from training.teacher import TeacherTask
-from training.weights import checkpoint_state_dict, load_model, read_payload
+from training.flow_matching import TeacherTask
+from training.harness import CHECKPOINT_DIR, TRAIN_RUN_NAME, FitResult, TrainJob, checkpoint_state_dict, fit
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

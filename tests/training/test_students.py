@@ -10,9 +10,8 @@ import torch
 
 from infra import storage, tracking
 from model.presets import get_preset
+from model.weights import MODEL_FILE, load_model
 from pipelines.workflow import plan, run_stages
-from training.harness import MODEL_FILE
-from training.weights import load_model
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 TIMESTEPS = get_preset("tiny").student_timesteps

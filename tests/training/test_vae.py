@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from model.presets import get_preset
+from model.vae import pixels_to_video
 from pipelines.shapes_world import render, sample_clip
-from training.vae import VaeLoss, pixels_to_video, psnr_from_mse, roundtrip
+from training.vae import VaeLoss, psnr_from_mse, roundtrip
 
 
 def clips(count: int, frames: int, size: int) -> np.ndarray:

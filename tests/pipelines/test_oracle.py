@@ -3,8 +3,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from evaluation.oracle import classify_motion, count_components, describe, detect_frames, score_video, summarize
-from pipelines.shapes_world import ShapeClip, decode_video, encode_mp4, render, sample_clip
+from pipelines.oracle import classify_motion, count_components, describe, detect_frames, score_video, summarize
+from pipelines.shapes_world import ShapeClip, render, sample_clip
+from pipelines.video import decode_video, encode_mp4
 
 ATTRIBUTES = ("background", "color", "shape", "motion")
 

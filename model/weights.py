@@ -1,15 +1,15 @@
 """Plain-PyTorch weight files: what a training stage exports and what inference loads with one call.
 
-A file holds the preset name, the kind of network (``dit`` or ``vae``), the attention mode a DiT was trained in,
-the network's config as plain data and its fp32 state dict, so ``load_model(uri)`` rebuilds the exact network
-without Ray or DeepSpeed. Files live on any URI that :mod:`infra.storage` reaches (local or s3://).
+A stage output that holds a network keeps it in one file, :data:`MODEL_FILE`. The file holds the preset name, the
+kind of network (``dit`` or ``vae``), the attention mode a DiT was trained in, the network's config as plain data
+and its fp32 state dict, so ``load_model(uri)`` rebuilds the exact network without Ray or DeepSpeed. Files live
+on any URI that :mod:`infra.storage` reaches (local or s3://).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from model.dit import DiT, DiTConfig
 from model.vae import VAE, VAEConfig
 
 FORMAT = "causvid-weights/1"
-CHECKPOINT_TAG = "state"
+MODEL_FILE = "model.pt"
 KINDS = ("dit", "vae")
 
 
@@ -80,19 +80,3 @@ def build_from_payload(payload: dict[str, Any], mode: str | None = None) -> nn.M
 def load_model(uri: str, mode: str | None = None) -> nn.Module:
     """Load an exported ``model.pt`` into the plain DiT or VAE for inference (eval mode, fp32, CPU)."""
     return build_from_payload(read_payload(uri), mode)
-
-
-def checkpoint_state_dict(checkpoint_dir: str | Path, engine: str, strip_prefix: str = "") -> dict[str, torch.Tensor]:
-    """fp32 weights of one engine from a local harness checkpoint folder, at any ZeRO stage.
-
-    ZeRO 1-3 keep the fp32 weights in the optimiser partitions (DeepSpeed's ``zero_to_fp32`` gathers them);
-    stage 0 keeps them whole in the model states. ``strip_prefix`` drops a wrapper's prefix (``"dit."``).
-    """
-    folder = Path(checkpoint_dir, engine)
-    if list(Path(folder, CHECKPOINT_TAG).glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=CHECKPOINT_TAG)
-    else:
-        state = torch.load(Path(folder, CHECKPOINT_TAG, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
-    return {k[len(strip_prefix) :]: v.float() for k, v in state.items() if k.startswith(strip_prefix)}
