@@ -119,7 +119,12 @@ class VaeConfig(TrainConfig):
     train_frames: int = Field(default=9, ge=1)
     eval_clips: int = Field(default=16, ge=1, description="Held-out clips for PSNR and oracle accuracy.")
     stats_clips: int = Field(default=64, ge=2, description="Training clips that measure the latent mean and std.")
-    latent_batch_size: int = Field(default=8, ge=1, description="Clips per batch in the `latents` encoding job.")
+
+
+class LatentsConfig(Section):
+    """Encoding the clips into latents with the trained VAE (a Ray Data job, one actor per free CPU)."""
+
+    batch_size: int = Field(default=8, ge=1, description="Clips per VAE batch inside an actor.")
 
 
 class TeacherConfig(TrainConfig):
@@ -218,6 +223,7 @@ class PipelineConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     clips: ClipsConfig = ClipsConfig()
     vae: VaeConfig = VaeConfig()
+    latents: LatentsConfig = LatentsConfig()
     teacher: TeacherConfig = TeacherConfig()
     causal_teacher: CausalTeacherConfig = CausalTeacherConfig()
     trajectories: TrajectoriesConfig = TrajectoriesConfig()

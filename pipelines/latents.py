@@ -193,7 +193,7 @@ def latent_shard_name(clip_shard_uri: str) -> str:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    cfg = ctx.config.vae
+    cfg = ctx.config.latents
     vae_uri = storage.join(ctx.inputs["vae"], MODEL_FILE)
     clip_shards = storage.parquet_files(ctx.inputs["clips"])
     jobs = [{"uri": uri, "name": latent_shard_name(uri)} for uri in clip_shards]
@@ -205,7 +205,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             fn_constructor_kwargs={
                 "vae_uri": vae_uri,
                 "output_uri": ctx.output_uri,
-                "batch_size": cfg.latent_batch_size,
+                "batch_size": cfg.batch_size,
                 "threads": 1,
             },
             batch_size=1,

@@ -21,8 +21,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from infra import storage, tracking
 from infra.config import ConfigError, PipelineConfig, section_dump
 
@@ -55,10 +53,6 @@ class StageContext:
     run_id: str | None = None
     extra_params: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def section(self) -> BaseModel:
-        return getattr(self.config, STAGES[self.name].section)
-
     def output(self, *parts: str) -> str:
         return storage.join(self.output_uri, *parts)
 
@@ -87,7 +81,7 @@ STAGES: dict[str, Stage] = {
         Stage("synthetic", "pipelines.synthetic:run", _always(), "synthetic", "render the shapes world to MP4 files"),
         Stage("clips", "pipelines.clips:run", _clips_inputs, "clips", "curate videos into captioned clips (Parquet)"),
         Stage("vae", "training.vae:run", _always("clips"), "vae", "train the causal 3D VAE"),
-        Stage("latents", "pipelines.latents:run", _always("clips", "vae"), "vae", "encode clips into latents"),
+        Stage("latents", "pipelines.latents:run", _always("clips", "vae"), "latents", "encode clips into latents"),
         Stage("teacher", "training.teacher:run", _always("latents"), "teacher", "train the bidirectional teacher"),
         Stage(
             "causal_teacher",

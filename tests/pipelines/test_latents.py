@@ -66,7 +66,7 @@ def inputs(tmp_path: Path) -> dict[str, str]:
 
 def test_latents_stage_encodes_every_clip_and_resumes(ray_local, make_config, tmp_path: Path, inputs: dict[str, str]) -> None:
     out = str(tmp_path / "latents")
-    ctx = StageContext("latents", make_config("vae.latent_batch_size=2"), inputs, out, "fp")
+    ctx = StageContext("latents", make_config("latents.batch_size=2"), inputs, out, "fp")
     result = latents.run(ctx)
     assert result["counts"] == {"clips": 6, "shards": 2, "shards_encoded": 2, "shards_skipped": 0}
     assert result["summary"]["latent_shape"] == "2x8x16x16"

@@ -47,6 +47,14 @@ def test_fingerprints_follow_the_dag(make_config) -> None:
     assert plan(make_config("ray.num_cpus=1"), code="c").fingerprints == base
 
 
+def test_latents_batch_size_reruns_latents_and_what_follows_only(make_config) -> None:
+    base = plan(make_config(), code="c").fingerprints
+    changed = plan(make_config("latents.batch_size=3"), code="c").fingerprints
+    assert [s for s in STAGES if changed[s] != base[s]] == [
+        "latents", "teacher", "causal_teacher", "trajectories", "ode_init", "dmd", "evaluate",
+    ]
+
+
 def test_vae_of_follows_the_manifests(tmp_path: Path) -> None:
     root = tmp_path / "root"
     vae, latents, teacher, student, evaluate = (str(root / name) for name in ("vae", "latents", "teacher", "ode_init", "evaluate"))
