@@ -17,7 +17,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -41,6 +40,9 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_TAG = "state"
 TRAIN_RUN_NAME = "train"
 log = logging.getLogger("causvid")
+
+StepHook = Callable[[int, int, bool], None]
+"""Called on every worker before each training step with ``(step, rank, resumed)``: fault injection, probes."""
 
 
 @dataclass
@@ -130,8 +132,7 @@ class TrainJob:
     run_id: str | None = None
     fps: int = 12
     extra: dict[str, Any] = field(default_factory=dict)
-    kill_at_step: int | None = None
-    kill_rank: int = 0
+    before_step: StepHook | None = None
 
 
 def stage_job(ctx: StageContext, section: TrainConfig, task: TrainTask, dataset: Any, **extra: Any) -> TrainJob:
@@ -229,15 +230,6 @@ def log_videos(
             path = Path(tmp, f"{name}.mp4")
             path.write_bytes(encode_mp4(frames, fps))
             client.log_artifact(run_id, str(path), artifact_path)
-
-
-def _crash_after_reports_are_collected() -> None:
-    """The resume test's crash: SIGKILL once Ray Train's controller has polled the reports made so far (it polls
-    every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), as for a crash well after a checkpoint; a kill
-    right after a report can lose it, and the run then rightly restarts from the checkpoint before."""
-    interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
-    time.sleep(3 * interval)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Logger:
@@ -391,8 +383,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             batch = next(batches, None)
             if batch is None:
                 raise ValueError(f"{job.name}: the dataset shard has fewer rows than one batch of {section.batch_size}")
-        if job.kill_at_step is not None and step == job.kill_at_step and rank == job.kill_rank and resumed_from is None:
-            _crash_after_reports_are_collected()
+        if job.before_step is not None:
+            job.before_step(step, rank, resumed_from is not None)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         values = job.task.train_step(step, batch, engines, frozen)
         for key, value in values.items():

@@ -3,6 +3,10 @@ a falling loss, and checkpoints that load into the plain DiT."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -16,6 +20,22 @@ from training.flow_matching import TeacherTask
 from training.harness import CHECKPOINT_DIR, TRAIN_RUN_NAME, FitResult, TrainJob, checkpoint_state_dict, fit
 
 pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@dataclass(frozen=True)
+class CrashAt:
+    """A harness step hook: SIGKILL worker ``rank`` before ``step`` of the first attempt, once Ray Train's controller
+    has polled the reports made so far (it polls every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), as
+    for a crash well after a checkpoint; a kill right after a report can lose it, and the run then rightly restarts
+    from the checkpoint before."""
+
+    step: int
+    rank: int
+
+    def __call__(self, step: int, rank: int, resumed: bool) -> None:
+        if (step, rank, resumed) == (self.step, self.rank, False):
+            time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def teacher_task(lr: float = 1e-3) -> TeacherTask:
@@ -32,7 +52,9 @@ def teacher_task(lr: float = 1e-3) -> TeacherTask:
     )
 
 
-def run_teacher(out: Path, latents_uri: str, *overrides: str, tracking: tuple[str, str] | None = None, **hooks) -> FitResult:
+def run_teacher(
+    out: Path, latents_uri: str, *overrides: str, tracking: tuple[str, str] | None = None, before_step: CrashAt | None = None
+) -> FitResult:
     config = load_config(None, [f"storage.root={out}", "teacher.batch_size=2", "teacher.warmup_steps=0", *overrides])
     job = TrainJob(
         name="teacher",
@@ -43,7 +65,7 @@ def run_teacher(out: Path, latents_uri: str, *overrides: str, tracking: tuple[st
         preset="tiny",
         tracking_uri=tracking[0] if tracking else None,
         run_id=tracking[1] if tracking else None,
-        **hooks,
+        before_step=before_step,
     )
     return fit(job)
 
@@ -111,7 +133,7 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path: Path, latents_uri:
     result = run_teacher(
         tmp_path, latents_uri, "teacher.zero_stage=2", "teacher.num_workers=2", "teacher.steps=8",
         "teacher.checkpoint_every=3", "teacher.log_every=1", "teacher.max_failures=1",
-        tracking=(client.tracking_uri, run.info.run_id), kill_at_step=5, kill_rank=1,
+        tracking=(client.tracking_uri, run.info.run_id), before_step=CrashAt(step=5, rank=1),
     )
     assert result.steps == 8
     assert [p.name for p in checkpoints(tmp_path)][-2:] == ["step_0000006", "step_0000008"]
