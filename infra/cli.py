@@ -1,4 +1,4 @@
-"""`causvid`: run the workflow or one stage, show its state, submit it to a cluster, benchmark it."""
+"""`causvid`: run the workflow, one stage or a sweep, show its state, submit it to a cluster, benchmark it."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ BENCHMARKS = {
 }
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="YAML config (default: built-in defaults = configs/tiny.yaml)")
+def _config_args(
+    parser: argparse.ArgumentParser, config_help: str = "YAML config (default: built-in defaults = configs/tiny.yaml)"
+) -> None:
+    parser.add_argument("--config", "-c", help=config_help)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. dmd.lr=1e-5"
     )
@@ -51,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=list(STAGES), metavar="NAME", help=stage_list)
     _config_args(stage)
     stage.add_argument("--force", action="store_true", help="re-run even if complete")
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="run the rows of a sweep file up to dmd and print their oracle accuracies",
+        description="Example: causvid sweep configs/sweep_table4.yaml --set dmd.steps=200 (the paper's Table 4).",
+    )
+    sweep.add_argument("sweep", metavar="SWEEP", help="sweep YAML, e.g. configs/sweep_table4.yaml")
+    _config_args(sweep, "base YAML config of every row (default: the sweep file's `config`)")
+    sweep.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     status = commands.add_parser("status", help="list stages as done / missing / stale with their output URIs")
     _config_args(status)
@@ -104,11 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The command's ``--set`` overrides, with ``--address`` as ``ray.address``."""
+    address = getattr(args, "address", None)
+    return [*args.overrides, *([f"ray.address={address}"] if address else [])]
+
+
 def _load(args: argparse.Namespace) -> PipelineConfig:
-    overrides = list(args.overrides)
-    if getattr(args, "address", None):
-        overrides.append(f"ray.address={args.address}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, _overrides(args))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -132,6 +146,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     ensure_ray(config)
     outputs = run_stages(config, [args.name], force=[args.name] if args.force else [], parent_run_name=args.name)
     print(outputs[args.name])
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from training.sweep import format_table, run_sweep
+
+    rows = run_sweep(args.sweep, args.config, _overrides(args))
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 
 
@@ -227,6 +249,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": _cmd_run,
     "stage": _cmd_stage,
+    "sweep": _cmd_sweep,
     "status": _cmd_status,
     "submit": _cmd_submit,
     "report": _cmd_report,

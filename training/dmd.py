@@ -11,26 +11,22 @@ x0 is noised to one random t in [t_min, t_max] (shifted), and the DMD gradient o
 reaches the generator through its surrogate loss. ``dmd.teacher = none`` is the regression-only ablation: ODE
 regression continues on the trajectories of the `ode_init` stage, without DMD.
 
-Run the paper's Table 4 on the shapes world with ``python -m training.dmd configs/sweep_table4.yaml``.
+``causvid sweep configs/sweep_table4.yaml`` runs the paper's Table 4 on the shapes world (:mod:`training.sweep`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 from infra import storage
-from infra.config import DmdConfig, load_config
+from infra.config import DmdConfig
 from model import schedule as sch
 from model.dit import DiT
 from model.distillation import (
@@ -272,57 +268,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary.update(finish_student(ctx, section, result.model_uri, vae_uri, trajectories_uri))
     return {"counts": {"steps": result.steps, "critic_updates": result.steps * section.critic_steps}, "summary": summary}
 
-
-TABLE_KEYS = ("oracle_color_accuracy", "oracle_shape_accuracy", "oracle_motion_accuracy", "oracle_background_accuracy")
-
-
-def run_sweep(sweep_path: str, config_path: str | None, overrides: Sequence[str]) -> list[dict[str, Any]]:
-    """Run every row of a sweep file (each a list of ``--set`` overrides) up to `dmd`; one result row each.
-
-    Rows share every upstream output whose fingerprint they share, so the teacher, trajectories and
-    ODE initialisation are computed once. The table is written to ``<root>/sweeps/<name>.json``.
-    """
-    from infra.cluster import ensure_ray
-    from pipelines.workflow import run_stages, select_stages
-
-    sweep = yaml.safe_load(open(sweep_path).read())
-    base = config_path or sweep.get("config")
-    rows = []
-    for row in sweep["rows"]:
-        config = load_config(base, [*sweep.get("set", []), *row.get("set", []), *overrides])
-        ensure_ray(config)
-        outputs = run_stages(config, select_stages(config, until="dmd"), parent_run_name=f"sweep:{row['name']}")
-        summary = storage.read_manifest(outputs["dmd"])["summary"]
-        rows.append({"name": row["name"], "set": row.get("set", []), "output": outputs["dmd"], **{k: summary.get(k) for k in TABLE_KEYS}})
-    many_step = {"teacher": outputs["teacher"], "causal_teacher": outputs["causal_teacher"]}
-    for name, uri in many_step.items():
-        summary = storage.read_manifest(uri)["summary"]
-        rows.append({"name": f"{name} (many-step)", "set": [], "output": uri, **{k: summary.get(k) for k in TABLE_KEYS}})
-    root = config.storage.root
-    storage.write_json(storage.join(storage.normalize(root), "sweeps", f"{sweep.get('name', 'sweep')}.json"), rows)
-    return rows
-
-
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    header = f"{'row':58s} " + " ".join(f"{k.split('_')[1]:>10s}" for k in TABLE_KEYS)
-    lines = [header]
-    for row in rows:
-        cells = " ".join(f"{row[k]:10.3f}" if isinstance(row[k], (int, float)) else f"{'-':>10s}" for k in TABLE_KEYS)
-        lines.append(f"{row['name'][:58]:58s} {cells}")
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.dmd", description="Run a DMD ablation sweep (Table 4).")
-    parser.add_argument("sweep", help="sweep YAML, e.g. configs/sweep_table4.yaml")
-    parser.add_argument("--config", "-c", help="base config (default: the sweep file's `config`)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    args = parser.parse_args(argv)
-    rows = run_sweep(args.sweep, args.config, args.overrides)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
