@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -242,7 +243,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise
         raise UserError(f"benchmark '{args.name}' is not implemented yet") from None
     forwarded = args.args[1:] if args.args[:1] == ["--"] else args.args
-    print(json.dumps(module.main(forwarded), indent=2))
+    with contextlib.redirect_stdout(sys.stderr):  # workers' and libraries' chatter; stdout carries only the JSON
+        result = module.main(forwarded)
+    print(json.dumps(result, indent=2))
     return 0
 
 

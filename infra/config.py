@@ -98,6 +98,16 @@ class TrainConfig(Section):
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0, description="Linear learning-rate warmup from 0.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="After the warmup: constant, or a cosine decay to `min_lr_ratio` of `lr`."
+    )
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: autocast compute (AMX on CPU, tensor cores on GPU), fp32 master weights."
+    )
+    compile: bool = Field(default=False, description="torch.compile the trained networks (pays off on long runs).")
+    cpus_per_worker: int = Field(default=1, ge=1, description="CPUs each worker reserves; its torch threads.")
+    eval_every: int = Field(default=0, ge=0, description="Score the learning curve every N steps (0: off).")
     grad_clip: float = Field(default=1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(default=1, ge=1)
@@ -108,6 +118,11 @@ class TrainConfig(Section):
     log_every: int = Field(default=10, ge=1)
     sample_every: int = Field(default=0, ge=0, description="Log sample videos every N steps (0: at the end only).")
     shuffle_buffer: int = Field(default=64, ge=0, description="Rows in each worker's local shuffle buffer (0: off).")
+    cache_shard: bool = Field(
+        default=True,
+        description="Hold each worker's shard in memory after one pass and shuffle it whole every epoch; turn off "
+        "for datasets larger than a worker's memory (they stream through Ray Data every epoch).",
+    )
     seed: int = 0
 
 
@@ -136,6 +151,12 @@ class TeacherConfig(TrainConfig):
     guidance_scale: float | None = Field(default=None, ge=0, description="CFG scale of the samples (preset's).")
     eval_latent_frames: int | None = Field(default=None, ge=1, description="Sample length (preset's clip length).")
     eval_batch_size: int = Field(default=16, ge=1)
+    curve_prompts: int = Field(default=16, ge=1, description="Held-out prompts of the learning curve (`eval_every`).")
+    curve_steps: int = Field(default=20, ge=1, description="Euler steps of the learning curve's samples.")
+    short_clip_frames: int | None = Field(
+        default=None, ge=1, description="Curriculum: train on the first N latent frames of each clip at first ..."
+    )
+    short_clip_steps: int = Field(default=0, ge=0, description="... for this many steps, then on whole clips.")
 
 
 class CausalTeacherConfig(TeacherConfig):

@@ -165,7 +165,7 @@ class DmdTask(TrainTask):
             frozen=frozen,
         )
 
-    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, Tensor | float]:
         s = self.section
         p = get_preset(self.preset)
         latents = batch["latents"][:, : p.clip_latent_frames]
@@ -196,9 +196,9 @@ class DmdTask(TrainTask):
 
         all_losses, all_times = torch.cat(critic_losses), torch.cat(critic_times)
         values = {
-            "generator_loss": float(loss.detach()),
-            "critic_loss": float(all_losses.mean()),
-            "dmd_grad_norm": float(grad.flatten(1).norm(dim=1).mean()),
+            "generator_loss": loss.detach(),
+            "critic_loss": all_losses.detach().mean(),
+            "dmd_grad_norm": grad.detach().flatten(1).norm(dim=1).mean(),
         }
         edges = bucket_edges(s.t_buckets)
         for j, (mean, _count) in bucket_means(all_losses, all_times, edges).items():

@@ -82,6 +82,12 @@ class TeacherTask(TrainTask):
     guidance_scale: float
     init_uri: str | None = None
     independent_chunks: bool = False
+    short_clip_frames: int | None = None
+    short_clip_steps: int = 0
+    curve_prompts: list[dict[str, Any]] | None = None
+    curve_text: tuple[np.ndarray, np.ndarray] | None = None
+    curve_steps: int = 20
+    curve_frames: int | None = None
     export: Export = Export(engine="dit", kind="dit", unwrap=unwrap_dit)
 
     def plain(self, name: str) -> nn.Module:
@@ -96,30 +102,50 @@ class TeacherTask(TrainTask):
         frozen = {"vae": load_model(self.vae_uri)} if self.vae_uri else {}
         return Models(engines={"dit": EngineSpec(objective, lr=self.lr, weight_decay=self.weight_decay)}, frozen=frozen)
 
-    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, Tensor | float]:
         engine = engines["dit"]
         frames = get_preset(self.preset).clip_latent_frames
+        if self.short_clip_frames and step < self.short_clip_steps:
+            frames = self.short_clip_frames
         loss = engine(batch["latents"][:, :frames], batch["text_emb"], batch["text_mask"])
         engines.optimize("dit", loss)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
-    def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
-        if self.sample_text is None or "vae" not in frozen:
-            return {}
+    def _draw(
+        self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], text: tuple[np.ndarray, np.ndarray],
+        latent_frames: int | None, steps: int, **kwargs: Any,
+    ) -> np.ndarray:
+        """Seeded CFG samples of the trained DiT for caption embeddings, decoded: ``[B, T, H, W, 3]`` uint8."""
         p = get_preset(self.preset)
-        emb, mask = (torch.from_numpy(a) for a in self.sample_text)
-        videos = sampling.generate_videos(
+        emb, mask = (torch.from_numpy(a) for a in text)
+        return sampling.generate_videos(
             models["dit"].dit,
             frozen["vae"],
             emb,
             mask,
-            p.latent_shape(),
+            p.latent_shape(latent_frames),
             schedule=p.schedule(),
-            steps=self.sample_steps,
+            steps=steps,
             guidance_scale=self.guidance_scale,
             seed=EVAL_SEED,
+            **kwargs,
         )
+
+    def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
+        if self.sample_text is None or "vae" not in frozen:
+            return {}
+        videos = self._draw(models, frozen, self.sample_text, None, self.sample_steps)
         return {f"prompt{i}": video for i, video in enumerate(videos)}
+
+    def learning_curve(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+        """Oracle accuracy of few-step CFG samples of a fixed prompt set: the curve to watch while it trains."""
+        if self.curve_text is None or self.curve_prompts is None or "vae" not in frozen:
+            return {}
+        videos = self._draw(
+            models, frozen, self.curve_text, self.curve_frames, self.curve_steps, batch_size=len(self.curve_prompts)
+        )
+        scores = sampling.alignment_scores(videos, self.curve_prompts)["scores"]
+        return {k: v for k, v in scores.items() if k.endswith("_accuracy")}
 
 
 def eval_settings(section: TeacherConfig, preset_name: str) -> tuple[int, float, int]:
@@ -158,8 +184,9 @@ def train_teacher(ctx: StageContext, section: TeacherConfig, mode: str, init_uri
     preset_name = ctx.config.model.preset
     latents_uri = ctx.inputs["latents"]
     vae_uri = vae_of(latents_uri)
-    steps, scale, _ = eval_settings(section, preset_name)
+    steps, scale, frames = eval_settings(section, preset_name)
     _, sample_text = sampling.heldout_text(preset_name, SAMPLE_PROMPTS, section.seed)
+    curve_prompts, curve_text = sampling.heldout_text(preset_name, section.curve_prompts, section.seed)
     task = TeacherTask(
         preset=preset_name,
         mode=mode,
@@ -172,6 +199,12 @@ def train_teacher(ctx: StageContext, section: TeacherConfig, mode: str, init_uri
         guidance_scale=scale,
         init_uri=init_uri,
         independent_chunks=independent_chunks,
+        short_clip_frames=section.short_clip_frames,
+        short_clip_steps=section.short_clip_steps,
+        curve_prompts=curve_prompts,
+        curve_text=curve_text,
+        curve_steps=section.curve_steps,
+        curve_frames=frames,
     )
     result = fit(stage_job(ctx, section, task, training_dataset(latents_uri)))
     summary: dict[str, Any] = {"model": result.model_uri, "train_seconds": round(result.seconds, 1)}

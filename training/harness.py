@@ -3,7 +3,8 @@
 A stage describes its work as a :class:`TrainTask`: which modules train (each becomes its own DeepSpeed engine,
 so a DMD step can drive a generator and a critic), which frozen models ride along, and one training step over
 a batch. :func:`fit` runs it under ``TorchTrainer`` with N workers and ZeRO stage 0-3, feeds batches from the
-stage's Ray Dataset (``ray.train.get_dataset_shard``), checkpoints every engine together with the step counter,
+stage's Ray Dataset (``ray.train.get_dataset_shard``; read once and held in memory with ``cache_shard``, the
+embedded default, else streamed every epoch), checkpoints every engine together with the step counter,
 RNG states and data position through ``ray.train.report`` into ``<output>/checkpoints`` (local or s3://),
 resumes from the latest checkpoint after a worker dies (``FailureConfig``) or when the stage is re-run, logs
 from rank 0 to the stage's MLflow run, and exports the final weights as a plain PyTorch file
@@ -78,23 +79,26 @@ def unwrap_dit(module: nn.Module) -> nn.Module:
 
 
 class EngineSet(dict):
-    """The DeepSpeed engines of a run by name; ``optimize`` is one backward + step that records the grad norm."""
+    """The DeepSpeed engines of a run by name; ``optimize`` is one backward + step that records the grad norm.
+
+    Grad norms stay tensors until the harness logs them, so a step never waits on a host copy for bookkeeping.
+    """
 
     def __init__(self, engines: Mapping[str, Any], zero_stage: int) -> None:
         super().__init__(engines)
         self.zero_stage = zero_stage
-        self.grad_norms: dict[str, float] = {}
+        self.grad_norms: dict[str, Tensor | float] = {}
 
     def optimize(self, name: str, loss: Tensor) -> None:
         engine = self[name]
         engine.backward(loss)
         if self.zero_stage == 0:
             grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-            self.grad_norms[name] = float(torch.stack(grads).norm()) if grads else 0.0
+            self.grad_norms[name] = torch.stack(grads).norm() if grads else 0.0
         engine.step()
         if self.zero_stage > 0:
             norm = engine.get_global_grad_norm()
-            self.grad_norms[name] = float(norm) if norm is not None else float("nan")
+            self.grad_norms[name] = norm if norm is not None else float("nan")
 
 
 class TrainTask:
@@ -105,8 +109,9 @@ class TrainTask:
     def build(self) -> Models:
         raise NotImplementedError
 
-    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, float]:
-        """One optimisation step: call engines, then ``engines.optimize(name, loss)`` per engine; return scalars."""
+    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, Tensor | float]:
+        """One optimisation step: call engines, then ``engines.optimize(name, loss)`` per engine; return scalars
+        (detached tensors or floats, read on the host only when the harness logs them)."""
         raise NotImplementedError
 
     def plain(self, name: str) -> nn.Module:
@@ -115,6 +120,10 @@ class TrainTask:
 
     def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
         """Videos to log as MP4 (name -> ``[T, H, W, 3]`` uint8) from plain copies of the engines; rank 0 only."""
+        return {}
+
+    def learning_curve(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, Tensor | float]:
+        """Quality figures of plain copies of the engines every ``eval_every`` steps (logged as ``curve/...``)."""
         return {}
 
 
@@ -155,8 +164,12 @@ class FitResult:
     seconds: float
 
 
-def deepspeed_config(section: TrainConfig, spec: EngineSpec, world_size: int, use_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed config of one engine: ZeRO stage, AdamW (torch implementation), warmup, clipping, bf16 on GPU."""
+def deepspeed_config(section: TrainConfig, spec: EngineSpec, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config of one engine: ZeRO stage, AdamW (torch implementation), warmup (+ cosine), clipping.
+
+    Weights, gradients and optimiser states stay fp32 at every precision: bf16 is the compute dtype of an
+    autocast region around the step (see :func:`autocast`), which works alike on CPU and GPU.
+    """
     warmup = min(section.warmup_steps, max(section.steps - 1, 0))
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": section.batch_size,
@@ -170,14 +183,34 @@ def deepspeed_config(section: TrainConfig, spec: EngineSpec, world_size: int, us
             "type": "AdamW",
             "params": {"lr": spec.lr, "weight_decay": spec.weight_decay, "betas": list(spec.betas), "torch_adam": True},
         },
-        "bf16": {"enabled": use_gpu},
     }
-    if warmup > 0:
+    if section.lr_schedule == "cosine":
+        config["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": section.steps,
+                "warmup_num_steps": max(warmup, 1),
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": section.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        }
+    elif warmup > 0:
         config["scheduler"] = {
             "type": "WarmupLR",
             "params": {"warmup_min_lr": 0.0, "warmup_max_lr": spec.lr, "warmup_num_steps": warmup, "warmup_type": "linear"},
         }
     return config
+
+
+def autocast(section: TrainConfig, device: torch.device) -> Any:
+    """The compute-precision context of a training step: bf16 autocast (fp32 weights) or plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=section.precision == "bf16")
+
+
+def _scalars(values: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Host floats of a step's values (one device sync for all of them)."""
+    return {k: float(v) for k, v in values.items()}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -267,13 +300,39 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
 
 
+def _epoch_seed(section: TrainConfig, rank: int, epoch: int) -> int:
+    return section.seed * 1_000_003 + epoch * 101 + rank
+
+
+def _shard_in_memory(shard: Any) -> dict[str, Tensor]:
+    """Every row of this worker's shard as tensors, from one pass over its Ray Data pipeline."""
+    parts = list(shard.iter_torch_batches(batch_size=4096))
+    if not parts:
+        return {}
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def _batches_in_memory(rows: Mapping[str, Tensor], section: TrainConfig, rank: int, epoch: int, skip: int) -> Iterator[dict[str, Tensor]]:
+    """One epoch of the cached shard: a seeded permutation per epoch (none without a shuffle buffer), the first
+    ``skip`` batches dropped; no Ray Data execution per epoch, so a short epoch costs nothing extra."""
+    count = len(next(iter(rows.values()))) if rows else 0
+    if section.shuffle_buffer:
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(_epoch_seed(section, rank, epoch)))
+    else:
+        order = torch.arange(count)
+    size = section.batch_size
+    for i in range(skip, count // size):
+        picked = order[i * size : (i + 1) * size]
+        yield {key: value[picked] for key, value in rows.items()}
+
+
 def _batches(shard: Any, section: TrainConfig, rank: int, epoch: int, skip: int) -> Iterator[dict[str, Tensor]]:
     """One epoch of this worker's shard, shuffled with a per-epoch seed, the first ``skip`` batches dropped."""
     iterator = shard.iter_torch_batches(
         batch_size=section.batch_size,
         drop_last=True,
         local_shuffle_buffer_size=section.shuffle_buffer or None,
-        local_shuffle_seed=section.seed * 1_000_003 + epoch * 101 + rank,
+        local_shuffle_seed=_epoch_seed(section, rank, epoch),
     )
     for i, batch in enumerate(iterator):
         if i >= skip:
@@ -314,15 +373,19 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{context.get_local_rank()}") if section.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(section.cpus_per_worker)
     deepspeed.init_distributed(dist_backend="nccl" if section.use_gpu else "gloo")
     torch.manual_seed(section.seed)
     models = job.task.build()
     engines: dict[str, Any] = {}
     for name, spec in models.engines.items():
+        if section.compile:
+            spec.module.compile()
         engine, *_ = deepspeed.initialize(
             model=spec.module,
             model_parameters=[p for p in spec.module.parameters() if p.requires_grad],
-            config=deepspeed_config(section, spec, world, section.use_gpu),
+            config=deepspeed_config(section, spec, world),
         )
         engines[name] = engine
     engines = EngineSet(engines, section.zero_stage)
@@ -370,37 +433,45 @@ def _train_loop(config: dict[str, Any]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
     shard = ray.train.get_dataset_shard("train")
-    batches = _batches(shard, section, rank, epoch, batch_in_epoch)
+    cached = _shard_in_memory(shard) if section.cache_shard else None
+
+    def epoch_batches(epoch: int, skip: int) -> Iterator[dict[str, Tensor]]:
+        if cached is not None:
+            return _batches_in_memory(cached, section, rank, epoch, skip)
+        return _batches(shard, section, rank, epoch, skip)
+
+    batches = epoch_batches(epoch, batch_in_epoch)
     last_metrics: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
-    window_sums: dict[str, float] = {}
+    window_sums: dict[str, Tensor | float] = {}
     global_batch = section.batch_size * world
     while step < section.steps:
         batch = next(batches, None)
         if batch is None:
             epoch, batch_in_epoch = epoch + 1, 0
-            batches = _batches(shard, section, rank, epoch, 0)
+            batches = epoch_batches(epoch, 0)
             batch = next(batches, None)
             if batch is None:
                 raise ValueError(f"{job.name}: the dataset shard has fewer rows than one batch of {section.batch_size}")
         if job.before_step is not None:
             job.before_step(step, rank, resumed_from is not None)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        values = job.task.train_step(step, batch, engines, frozen)
+        with autocast(section, device):
+            values = job.task.train_step(step, batch, engines, frozen)
         for key, value in values.items():
-            window_sums[key] = window_sums.get(key, 0.0) + float(value)
+            window_sums[key] = window_sums.get(key, 0.0) + value
         step += 1
         batch_in_epoch += 1
         window_steps += 1
         if sink is not None and (step % section.log_every == 0 or step == section.steps):
             elapsed = time.perf_counter() - window_start
-            last_metrics = {k: v / window_steps for k, v in window_sums.items()}
+            last_metrics = {k: v / window_steps for k, v in _scalars(window_sums).items()}
             for name, engine in engines.items():
                 prefix = "" if len(engines) == 1 else f"{name}."
                 last_metrics[f"{prefix}lr"] = float(engine.get_lr()[0])
                 last_metrics[f"{prefix}updates"] = float(engine.global_steps)
                 if name in engines.grad_norms:
-                    last_metrics[f"{prefix}grad_norm"] = engines.grad_norms[name]
+                    last_metrics[f"{prefix}grad_norm"] = float(engines.grad_norms[name])
             last_metrics["samples_per_s"] = global_batch * window_steps / max(elapsed, 1e-9)
             last_metrics["peak_mem_mb"] = peak_memory_mb(device)
             last_metrics["epoch"] = float(epoch)
@@ -411,6 +482,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             plain = _plain_models(job, engines, section.zero_stage, sink is not None)
             if sink is not None:
                 _log_samples(job, job.task.samples(step, plain, frozen), step)
+        if section.eval_every and (step % section.eval_every == 0 or step == section.steps):
+            _log_learning_curve(job, engines, frozen, step, sink)
         if step % section.checkpoint_every == 0 or step == section.steps:
             save(final=step == section.steps)
 
@@ -435,8 +508,29 @@ def _plain_models(job: TrainJob, engines: Mapping[str, Any], zero_stage: int, is
     return plain
 
 
+def _log_learning_curve(job: TrainJob, engines: Mapping[str, Any], frozen: Mapping[str, nn.Module], step: int, sink: _Logger | None) -> None:
+    """Score plain copies of the engines with the task's learning-curve figures; rank 0 logs ``curve/<name>``."""
+    plain = _plain_models(job, engines, job.section.zero_stage, sink is not None)
+    if sink is None:
+        return
+    started = time.perf_counter()
+    figures = {f"curve/{k}": v for k, v in job.task.learning_curve(step, plain, frozen).items()}
+    if figures:
+        sink.metrics(step, figures)
+        sink.console(step, job.section.steps, {**figures, "curve_s": time.perf_counter() - started})
+
+
 def _log_samples(job: TrainJob, videos: Mapping[str, np.ndarray], step: int) -> None:
     log_videos(job.tracking_uri, job.run_id, videos, job.fps, f"samples/step_{step:07d}")
+
+
+def ordered_ingest() -> Any:
+    """Ray Train's ingest options with the blocks kept in order: the same batches on every run and after a resume."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def checkpoint_root(output_uri: str) -> str:
@@ -445,7 +539,7 @@ def checkpoint_root(output_uri: str) -> str:
 
 def fit(job: TrainJob) -> FitResult:
     """Run the job under Ray Train; resumes from ``<output>/checkpoints`` when an earlier attempt left one."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     section = job.section
@@ -458,7 +552,11 @@ def fit(job: TrainJob) -> FitResult:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=section.num_workers,
+            use_gpu=section.use_gpu,
+            resources_per_worker={"CPU": section.cpus_per_worker, **({"GPU": 1} if section.use_gpu else {})},
+        ),
         run_config=RunConfig(
             name=TRAIN_RUN_NAME,
             storage_path=path,
@@ -467,6 +565,7 @@ def fit(job: TrainJob) -> FitResult:
             checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
         ),
         datasets={"train": job.dataset},
+        dataset_config=DataConfig(execution_options=ordered_ingest()),
     )
     result = trainer.fit()
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

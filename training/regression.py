@@ -75,7 +75,7 @@ class OdeInitTask(TrainTask):
         frozen = {"vae": load_model(self.vae_uri)} if self.vae_uri else {}
         return Models(engines={"student": EngineSpec(student, lr=self.lr, weight_decay=self.weight_decay)}, frozen=frozen)
 
-    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, Tensor | float]:
         loss, errors = engines["student"](batch["states"], batch["x0"], batch["text_emb"], batch["text_mask"])
         engines.optimize("student", loss)
         names = get_preset(self.preset).student_timesteps

@@ -76,20 +76,20 @@ class VaeTask(TrainTask):
     def build(self) -> Models:
         return Models(engines={"vae": EngineSpec(self.plain("vae"), lr=self.lr, weight_decay=self.weight_decay)})
 
-    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+    def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, Tensor | float]:
         frames = batch["frames"]
         length = min(self.train_frames, frames.shape[1])
         start = int(torch.randint(0, frames.shape[1] - length + 1, ()))
         engine = engines["vae"]
         loss, recon, kl, edge = engine(pixels_to_video(frames[:, start : start + length]))
         engines.optimize("vae", loss)
-        recon = float(recon.detach())
+        recon = recon.detach()
         return {
-            "loss": float(loss.detach()),
+            "loss": loss.detach(),
             "recon_mse": recon,
-            "kl": float(kl.detach()),
-            "edge_l1": float(edge.detach()),
-            "psnr": psnr_from_mse(recon / 4.0),
+            "kl": kl.detach(),
+            "edge_l1": edge.detach(),
+            "psnr": -10 * torch.log10((recon / 4.0).clamp_min(1e-12)),
         }
 
     def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:

@@ -29,6 +29,11 @@ def test_every_stage_to_the_student_is_complete_and_trained(
         run = client.get_run(manifests[name]["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["causvid.output"] == uri, name
     assert manifests["dmd"]["counts"]["critic_updates"] == 8
+    teacher_run = manifests["teacher"]["mlflow_run_id"]
+    for key in ("color", "shape", "motion", "background"):
+        curve = client.get_metric_history(teacher_run, f"curve/{key}_accuracy")
+        assert sorted(m.step for m in curve) == [2, 4], key  # teacher.eval_every=2 over 4 steps
+        assert {m.value * 2 for m in curve} <= {0.0, 1.0, 2.0}, key  # a share of the 2 curve prompts
     assert manifests["dmd"]["inputs"]["teacher"] == trained_pipeline["teacher"]
 
     trained = ("teacher", "ode_init", "dmd")

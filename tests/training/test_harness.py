@@ -143,3 +143,22 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path: Path, latents_uri:
     state = torch.load(checkpoints(tmp_path)[-1] / "train_state_rank0.pt", weights_only=False)
     assert state["step"] == 8
     assert_plain_inference(result.model_uri)
+
+
+def test_killed_worker_resumes_exactly_in_bf16(tmp_path: Path, latents_uri: str) -> None:
+    """A crash between checkpoints costs nothing: the resumed run ends on the uninterrupted run's exact weights.
+
+    Compilation stays off here: each worker start would compile the step again (about a minute per start on two
+    cores); the compiled forward is held to eager in ``test_precision``."""
+    settings = (
+        "teacher.zero_stage=2", "teacher.steps=6", "teacher.checkpoint_every=3", "teacher.max_failures=1",
+        "teacher.precision=bf16", "teacher.shuffle_buffer=0",
+    )
+    straight = run_teacher(tmp_path / "straight", latents_uri, *settings)
+    resumed = run_teacher(tmp_path / "resumed", latents_uri, *settings, before_step=CrashAt(step=4, rank=0))
+    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["step_0000003", "step_0000006"]
+    expected, got = read_payload(straight.model_uri)["state_dict"], read_payload(resumed.model_uri)["state_dict"]
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    assert expected["head.weight"].abs().sum() > 0
