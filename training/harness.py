@@ -122,7 +122,7 @@ class TrainTask:
         """Videos to log as MP4 (name -> ``[T, H, W, 3]`` uint8) from plain copies of the engines; rank 0 only."""
         return {}
 
-    def learning_curve(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, Tensor | float]:
+    def learning_curve(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
         """Quality figures of plain copies of the engines every ``eval_every`` steps (logged as ``curve/...``)."""
         return {}
 
