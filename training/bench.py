@@ -42,16 +42,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
     parser.add_argument("--measure", type=int, default=8, help="timed steps (after as many untimed ones)")
     parser.add_argument("--rows", type=int, default=64, help="random latent clips in the dataset")
+    parser.add_argument(
+        "--latent-frames", type=int, default=None, help="latent frames per clip (default: the preset's clip length)"
+    )
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
     return parser.parse_args(argv)
 
 
-def write_random_latents(folder: str, preset: str, rows: int, seed: int = 0) -> str:
+def write_random_latents(folder: str, preset: str, rows: int, latent_frames: int | None = None, seed: int = 0) -> str:
     """A complete latents output of random clips with the preset's shapes (two shards)."""
     p = get_preset(preset)
     rng = np.random.default_rng(seed)
-    shape = p.latent_shape()
+    shape = p.latent_shape(latent_frames)
     for shard, count in enumerate((rows - rows // 2, rows // 2)):
         latents = rng.standard_normal((count, *shape)).astype(np.float32)
         text = rng.standard_normal((count, p.text_len, p.text_dim)).astype(np.float32)
@@ -77,11 +80,11 @@ def teacher_task(preset: str) -> TeacherTask:
     )
 
 
-def flops_per_sample(preset: str, batch_size: int) -> float:
+def flops_per_sample(preset: str, batch_size: int, latent_frames: int | None = None) -> float:
     """FLOPs of one training sample: forward and backward of the teacher's loss on one batch, divided by it."""
     p = get_preset(preset)
     objective = teacher_task(preset).plain("dit")
-    latents = torch.randn(batch_size, *p.latent_shape())
+    latents = torch.randn(batch_size, *p.latent_shape(latent_frames))
     text = torch.randn(batch_size, p.text_len, p.text_dim)
     mask = torch.ones(batch_size, p.text_len, dtype=torch.bool)
     with FlopCounterMode(display=False) as counter:
@@ -133,7 +136,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     rates = {
         "bf16": matmul_rate(device, n=2048, dtype=torch.bfloat16),
         "fp32": matmul_rate(device, n=2048, dtype=torch.float32),
-        "flops_per_sample": flops_per_sample(args.preset, args.batch_size),
+        "flops_per_sample": flops_per_sample(args.preset, args.batch_size, args.latent_frames),
         "cpus": int(ray.cluster_resources().get("CPU", 1)),
     }
     grid = [
@@ -145,14 +148,14 @@ def main(argv: list[str]) -> dict[str, Any]:
     ]
     runs = []
     with tempfile.TemporaryDirectory(prefix="causvid-bench-") as tmp:
-        latents_uri = write_random_latents(str(Path(tmp, "latents")), args.preset, args.rows)
+        latents_uri = write_random_latents(str(Path(tmp, "latents")), args.preset, args.rows, args.latent_frames)
         for i, run in enumerate(grid):
             runs.append(measure(args.preset, latents_uri, str(Path(tmp, f"run{i}")), run, args, rates))
     return {
         "benchmark": "train",
         "stage": "teacher",
         "preset": args.preset,
-        "latent_shape": list(p.latent_shape()),
+        "latent_shape": list(p.latent_shape(args.latent_frames)),
         "device": "gpu" if args.gpu else "cpu",
         "measured_steps": args.measure,
         "peak_mem": "GPU max allocated" if args.gpu else "worker process max RSS",

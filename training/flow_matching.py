@@ -28,7 +28,7 @@ from model.weights import load_model, read_payload
 from pipelines.latents import training_dataset
 from pipelines.workflow import StageContext, vae_of
 from training import sampling
-from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, stage_job, unwrap_dit
+from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, after_training, fit, stage_job, unwrap_dit
 
 SAMPLE_PROMPTS = 4
 EVAL_SEED = 20240
@@ -210,7 +210,7 @@ def train_teacher(ctx: StageContext, section: TeacherConfig, mode: str, init_uri
     summary: dict[str, Any] = {"model": result.model_uri, "train_seconds": round(result.seconds, 1)}
     summary.update({f"final_{k}": v for k, v in result.metrics.items() if k in ("loss", "samples_per_s", "peak_mem_mb")})
     if section.eval_prompts:
-        evaluate = ray.remote(num_cpus=1, num_gpus=1 if section.use_gpu else 0)(evaluate_alignment)
+        evaluate = after_training(evaluate_alignment, section)
         evaluated = ray.get(evaluate.remote(result.model_uri, vae_uri, preset_name, section, mode))
         summary.update(sampling.publish_alignment(ctx, evaluated))
     return {"counts": {"steps": result.steps}, "summary": summary}

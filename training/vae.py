@@ -29,7 +29,7 @@ from model.weights import load_model, read_payload, save_model
 from pipelines.clips import decode_clips
 from pipelines.oracle import attributes, oracle_alignment
 from pipelines.workflow import StageContext
-from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, log_videos, stage_job
+from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, after_training, fit, log_videos, stage_job
 
 SAMPLE_CLIPS = 2
 
@@ -203,11 +203,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     uri = tracking.tracking_uri(ctx.config)
     result = fit(stage_job(ctx, section, task, clip_dataset(clips_uri, holdout)))
-    measure = ray.remote(num_cpus=1)(measure_latent_stats)
+    measure = after_training(measure_latent_stats, section)
     stats = ray.get(measure.remote(result.model_uri, clips_uri, holdout, section.stats_clips))
     storage.write_json(ctx.output("eval", "latent_stats.json"), stats)
     tracking.log_file_artifact(uri, ctx.run_id, result.model_uri, "weights")
-    evaluate = ray.remote(num_cpus=1, num_gpus=1 if section.use_gpu else 0)(evaluate_roundtrip)
+    evaluate = after_training(evaluate_roundtrip, section)
     out = ray.get(evaluate.remote(result.model_uri, held))
     scores = out["scores"]
     storage.write_json(ctx.output("eval", "roundtrip.json"), scores)
