@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from infra import storage
@@ -42,12 +43,13 @@ from model.distillation import (
     sample_dmd_times,
 )
 from model.presets import get_preset
+from model.self_rollout import draw_exit_steps, self_rollout
+from model.vae import video_to_pixels
 from model.weights import MODEL_FILE, build_from_payload, read_payload
+from pipelines import trajectories
 from pipelines.latents import training_dataset
 from pipelines.workflow import StageContext, vae_of
 from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, stage_job
-from model.self_rollout import draw_exit_steps, self_rollout
-from pipelines import trajectories
 from training.regression import regression_on_states, train_regression
 from training.student_evaluation import finish_student, sample_text_for, sample_videos
 
@@ -148,6 +150,9 @@ def real_x0(real: DiT, x_t: Tensor, t: Tensor, text_emb: Tensor, text_mask: Tens
     return sch.velocity_to_x0(x_t, v, t)
 
 
+DIAGNOSTICS_ARTIFACT = "diagnostics/x0_real_fake"
+DIAGNOSTICS_SEED = 4321
+DIAGNOSTICS_TIMESTEP = 500
 REAL_SCORE_GUIDANCE_RATIO = 0.75
 """CausVid's real-score guidance against its ODE pairs' (4.5 against 6.0, both in the standard CFG form)."""
 
@@ -196,6 +201,8 @@ class DmdTask(TrainTask):
     guidance_scale: float
     sample_text: tuple[np.ndarray, np.ndarray] | None
     export: Export = Export(engine="generator", kind="dit", unwrap=unwrap_generator)
+    _fixed: dict[str, Tensor] | None = field(default=None, init=False, repr=False)
+    _figures: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def batches_per_step(self) -> int:
         return 1 + self.section.critic_steps if self.section.fresh_critic_batches else 1
@@ -272,9 +279,35 @@ class DmdTask(TrainTask):
         self._update_ema(generator.module, engines.zero_stage)
         values["generator_loss"] = loss.detach()
         if s.diagnostics_every and step % s.diagnostics_every == 0:
-            for name, tensor in (("x0", x0), ("x0_real", x0_real), ("x0_fake", x0_fake)):
+            for name, tensor in (("data", self.clean_latents(batch)), ("x0", x0), ("x0_real", x0_real), ("x0_fake", x0_fake)):
                 values.update(latent_channel_stats(tensor, f"diag/{name}"))
+            if "vae" in frozen:
+                self._fixed = self._fixed or {k: v[:1].clone() for k, v in batch.items()}
+                self._figures = {DIAGNOSTICS_ARTIFACT: self.diagnostic_figure(self._fixed, engines, frozen)}
         return values
+
+    @torch.no_grad()
+    def diagnostic_figure(self, batch: Mapping[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> np.ndarray:
+        """Decoded x0, x0_real and x0_fake of one fixed sample, noised to a fixed t with a fixed seed: rows x0,
+        real, fake; columns the pixel frames. Where real and fake agree the critic has caught up; where x0 and
+        real differ, DMD pulls."""
+        p = get_preset(self.preset)
+        latents = self.clean_latents(batch)
+        emb, mask = batch["text_emb"], batch["text_mask"]
+        with torch.random.fork_rng(devices=[latents.device] if latents.is_cuda else []):
+            torch.manual_seed(DIAGNOSTICS_SEED)
+            x0, _ = engines["generator"](latents, emb, mask)
+            t = torch.full(x0.shape[:2], float(p.schedule().time_of(DIAGNOSTICS_TIMESTEP)), device=x0.device, dtype=x0.dtype)
+            x_t = sch.add_noise(x0, torch.randn_like(x0), t)
+        mode = REAL_SCORE_MODE[self.teacher_mode]
+        x0_real = real_x0(frozen["real"], x_t, t, emb, mask, mode, self.guidance_scale)
+        x0_fake = engines["critic"](x0, emb, mask, x_t=x_t, t=t)
+        video = frozen["vae"].decode(torch.cat([x0, x0_real, x0_fake]).float())
+        return rearrange(video_to_pixels(video), "r t h w c -> (r h) (t w) c")
+
+    def figures(self, step: int) -> Mapping[str, np.ndarray]:
+        figures, self._figures = self._figures, {}
+        return figures
 
     def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, Tensor | float]:
         s = self.section

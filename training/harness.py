@@ -126,6 +126,10 @@ class TrainTask:
         """Videos to log as MP4 (name -> ``[T, H, W, 3]`` uint8) from plain copies of the engines; rank 0 only."""
         return {}
 
+    def figures(self, step: int) -> Mapping[str, np.ndarray]:
+        """Images (name -> ``[H, W, 3]`` uint8) that the step just taken drew for MLflow; rank 0 logs them."""
+        return {}
+
     def learning_curve(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
         """Quality figures of plain copies of the engines every ``eval_every`` steps (logged as ``curve/...``)."""
         return {}
@@ -289,6 +293,13 @@ class _Logger:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Each image as ``<name>/step_<step>.png`` artifact of the stage's run."""
+        if self.client is None:
+            return
+        for name, image in images.items():
+            self.client.log_image(self.run_id, image, artifact_file=f"{name}/step_{step:07d}.png")
 
     def console(self, step: int, total: int, values: Mapping[str, float]) -> None:
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
@@ -473,6 +484,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         step += 1
         batch_in_epoch += 1
         window_steps += 1
+        if sink is not None:
+            sink.images(step, job.task.figures(step))
         if sink is not None and (step % section.log_every == 0 or step == section.steps):
             elapsed = time.perf_counter() - window_start
             last_metrics = {k: v / window_counts[k] for k, v in _scalars(window_sums).items()}

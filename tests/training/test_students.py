@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import mlflow
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from infra import storage, tracking
 from model.presets import get_preset
@@ -22,7 +24,7 @@ def weights_differ(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_ode_init_then_dmd(world) -> None:
-    config = world()
+    config = world("dmd.diagnostics_every=2")
     outputs = run_stages(config, ["trajectories", "ode_init", "dmd"])
     tracking.configure(config)
 
@@ -50,6 +52,16 @@ def test_ode_init_then_dmd(world) -> None:
     client = mlflow.MlflowClient()
     updates = {name: [m.value for m in client.get_metric_history(dmd["mlflow_run_id"], name)] for name in ("generator.updates", "critic.updates")}
     assert updates == {"generator.updates": [1.0, 2.0], "critic.updates": [3.0, 6.0]}
+    # Diagnostics of step 0 (logged as step 1): latent statistics and the decoded x0 / x0_real / x0_fake panel.
+    preset = get_preset("tiny")
+    channels = preset.latent_shape()[1]
+    for name in ("data", "x0", "x0_real", "x0_fake"):
+        history = client.get_metric_history(dmd["mlflow_run_id"], f"diag/{name}_c{channels - 1}_std")
+        assert [m.step for m in history] == [1] and history[0].value > 0
+    panels = [a.path for a in client.list_artifacts(dmd["mlflow_run_id"], "diagnostics/x0_real_fake")]
+    assert panels == ["diagnostics/x0_real_fake/step_0000001.png"]
+    image = np.asarray(Image.open(client.download_artifacts(dmd["mlflow_run_id"], panels[0])))
+    assert image.shape == (3 * preset.height, preset.clip_frames * preset.width, 3)
     generator = load_model(storage.join(outputs["dmd"], MODEL_FILE), mode="block_causal")
     assert weights_differ(student, generator)
 
