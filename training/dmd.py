@@ -51,6 +51,7 @@ from pipelines.latents import training_dataset
 from pipelines.workflow import StageContext, vae_of
 from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, stage_job
 from training.regression import regression_on_states, train_regression
+from training.scoreboard import publish_scoreboard
 from training.student_evaluation import finish_student, sample_text_for, sample_videos
 
 REAL_SCORE_MODE = {"bidirectional": "bidirectional", "causal": "block_causal"}
@@ -352,11 +353,10 @@ def _inputs(ctx: StageContext) -> tuple[str, str | None, str]:
 def run(ctx: StageContext) -> dict[str, Any]:
     section = ctx.config.dmd
     preset_name = ctx.config.model.preset
-    p = get_preset(preset_name)
     generator_init, vae_uri, trajectories_uri = _inputs(ctx)
     if section.teacher == "none":
         result = train_regression(ctx, section, trajectories_uri, generator_init, vae_uri)
-        result["summary"].update({"teacher": "none", "ode_init": section.ode_init})
+        result["summary"].update({"teacher": "none", "ode_init": section.ode_init, **publish_scoreboard(ctx)})
         return result
     real_stage = "teacher" if section.teacher == "bidirectional" else "causal_teacher"
     trajectories_scale = storage.read_manifest(trajectories_uri)["summary"]["cfg_scale"]
@@ -389,5 +389,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         {f"final_{k}": v for k, v in result.metrics.items() if k in ("generator_loss", "dmd_loss", "regression_loss", "critic_loss", "dmd_grad_norm")}
     )
     summary.update(finish_student(ctx, section, result.model_uri, vae_uri, trajectories_uri))
+    summary.update(publish_scoreboard(ctx))
     return {"counts": {"steps": result.steps, "critic_updates": result.steps * section.critic_steps}, "summary": summary}
 
