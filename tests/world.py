@@ -45,6 +45,7 @@ FAST = (
     "dmd.eval_prompts=0",
     "dmd.sample_prompts=0",
     "dmd.guidance_scale=3.0",
+    "dmd.diagnostics_every=2",
 )
 
 
