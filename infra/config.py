@@ -197,17 +197,39 @@ class OdeInitConfig(StudentConfig):
 
 
 class DmdConfig(StudentConfig):
-    """Asymmetric DMD: causal generator, real score = `teacher` (or none: regression only), online critic."""
+    """Asymmetric DMD: causal generator, real score = `teacher` (or none: regression only), online critic.
+
+    The recipe's defaults are CausVid's (tianweiy/CausVid, configs/wan_causal_dmd.yaml): equal generator and
+    critic learning rates, 5 critic updates per generator update, each on its own fresh batch, a real-score
+    guidance below the trajectories' (4.5 against 6.0), clean context chunks, gradients clipped at norm 10.
+    """
 
     teacher: Literal["bidirectional", "causal", "none"] = "bidirectional"
     ode_init: bool = Field(default=True, description="Start from the ODE-initialised student (else the teacher).")
-    cfg_scale: float | None = Field(default=None, ge=0, description="Real-score CFG scale (default: the preset's).")
+    guidance_scale: float | None = Field(
+        default=None, ge=0, description="Real-score CFG scale (default: 0.75 of the trajectories' scale, as CausVid)."
+    )
     critic_steps: int = Field(default=5, ge=1, description="Critic updates per generator update.")
-    critic_lr: float = Field(default=2e-4, gt=0)
+    critic_lr: float | None = Field(default=None, gt=0, description="Critic learning rate (default: `lr`, as CausVid).")
+    fresh_critic_batches: bool = Field(
+        default=True, description="Each critic update draws its own batch, apart from the generator update's."
+    )
+    critic_warmup_steps: int = Field(default=0, ge=0, description="First steps that update the critic only.")
+    clean_context: bool = Field(
+        default=True, description="Chunks may draw t = 0 (clean latents as context, masked from the loss), as CausVid."
+    )
+    rollout: Literal["data", "self"] = Field(
+        default="data", description="Generator inputs: noised data chunks, or its own KV-cached rollout (Self-Forcing)."
+    )
+    regression_weight: float = Field(
+        default=0.0, ge=0, description="ODE-regression anchor added to the DMD loss (trains on the trajectories)."
+    )
+    grad_clip: float = Field(default=10.0, gt=0)
     t_min: float = Field(default=0.02, ge=0, le=1, description="DMD noise levels, unshifted; the shift applies.")
     t_max: float = Field(default=0.98, ge=0, le=1)
     t_buckets: int = Field(default=4, ge=1, description="Critic loss is logged per bucket of t.")
-    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="Export an EMA of the generator.")
+    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="Evaluate and export an EMA of the generator.")
+    diagnostics_every: int = Field(default=0, ge=0, description="Log x0 / x0_real / x0_fake and latent stats every N steps.")
 
 
 class EvaluateConfig(Section):

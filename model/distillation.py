@@ -79,18 +79,37 @@ def sample_dmd_times(
     return sch.shift_time(u, schedule.shift).float()
 
 
-def dmd_gradient(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-    """``(x0_fake - x0_real) / mean|x0 - x0_real|``, the mean taken per sample over all but the batch axis."""
+def dmd_gradient(x0: Tensor, x0_real: Tensor, x0_fake: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+    """``(x0_fake - x0_real) / mean|x0 - x0_real|``, the mean taken per sample over all but the batch axis.
+
+    With ``frame_mask [B, F]`` (bool) the mean runs over the kept frames and the others' gradient is zero.
+    """
     dims = tuple(range(1, x0.dim()))
     x0, x0_real, x0_fake = x0.detach().double(), x0_real.double(), x0_fake.double()
-    normalizer = (x0 - x0_real).abs().mean(dim=dims, keepdim=True)
-    return torch.nan_to_num((x0_fake - x0_real) / normalizer)
+    if frame_mask is None:
+        normalizer = (x0 - x0_real).abs().mean(dim=dims, keepdim=True)
+        return torch.nan_to_num((x0_fake - x0_real) / normalizer)
+    keep = _frame_weights(frame_mask, x0)
+    normalizer = ((x0 - x0_real).abs() * keep).sum(dim=dims, keepdim=True) / keep.sum(dim=dims, keepdim=True)
+    return torch.nan_to_num((x0_fake - x0_real) * keep / normalizer)
 
 
-def dmd_loss(x0: Tensor, grad: Tensor) -> Tensor:
-    """``0.5 * mean((x0 - stopgrad(x0 - grad))^2)``: a loss whose gradient w.r.t. ``x0`` is ``grad / x0.numel()``."""
+def _frame_weights(frame_mask: Tensor, like: Tensor) -> Tensor:
+    """``frame_mask [B, F]`` as 0/1 weights broadcast to ``like [B, F, ...]`` (float64)."""
+    return frame_mask.reshape(*frame_mask.shape, *[1] * (like.dim() - 2)).expand_as(like).double()
+
+
+def dmd_loss(x0: Tensor, grad: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+    """``0.5 * mean((x0 - stopgrad(x0 - grad))^2)``: a loss whose gradient w.r.t. ``x0`` is ``grad / x0.numel()``.
+
+    With ``frame_mask [B, F]`` (bool) the mean runs over the kept frames only: the others (clean context chunks)
+    get exactly zero gradient, the kept ones ``grad / (kept elements)``.
+    """
     target = (x0.double() - grad.double()).detach()
-    return 0.5 * F.mse_loss(x0.double(), target)
+    if frame_mask is None:
+        return 0.5 * F.mse_loss(x0.double(), target)
+    keep = _frame_weights(frame_mask, x0)
+    return 0.5 * ((x0.double() - target).pow(2) * keep).sum() / keep.sum().clamp(min=1)
 
 
 def critic_loss(velocity: Tensor, x0: Tensor, eps: Tensor) -> Tensor:

@@ -236,6 +236,23 @@ def score_video(frames: np.ndarray, fps: float, expected: dict[str, Any]) -> lis
     return rows
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(hits: np.ndarray, confidence: float = 0.95, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval over prompts of the mean of per-prompt hits ``[N]`` (0/1): how far a score
+    may move on another draw of held-out prompts. Seeded, so a table is reproducible; ``[m, m]`` for one prompt."""
+    from scipy.stats import bootstrap
+
+    if len(hits) < 2 or np.all(hits == hits[0]):
+        return [float(hits.mean()), float(hits.mean())]
+    result = bootstrap(
+        (hits,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
 def oracle_alignment(videos: np.ndarray, expected: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Fraction of videos whose oracle reading matches the prompt, per attribute, plus the readings themselves."""
     found = [describe(video) for video in videos]
@@ -243,7 +260,9 @@ def oracle_alignment(videos: np.ndarray, expected: Sequence[dict[str, Any]]) -> 
     for key in ORACLE_KEYS:
         pairs = [(f[key], e[key]) for f, e in zip(found, expected) if key in e]
         if pairs:
-            scores[f"{key}_accuracy"] = float(np.mean([a == b for a, b in pairs]))
+            hits = np.array([a == b for a, b in pairs], dtype=np.float64)
+            scores[f"{key}_accuracy"] = float(hits.mean())
+            scores[f"{key}_accuracy_interval"] = bootstrap_interval(hits)
     scores["present"] = float(np.mean([f["present"] for f in found])) if found else 0.0
     scores["detected"] = found
     return scores

@@ -44,7 +44,8 @@ FAST = (
     "dmd.shuffle_buffer=0",
     "dmd.eval_prompts=0",
     "dmd.sample_prompts=0",
-    "dmd.cfg_scale=3.0",
+    "dmd.guidance_scale=3.0",
+    "dmd.diagnostics_every=2",
 )
 
 

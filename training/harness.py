@@ -114,12 +114,20 @@ class TrainTask:
         (detached tensors or floats, read on the host only when the harness logs them)."""
         raise NotImplementedError
 
+    def batches_per_step(self) -> int:
+        """Batches of ``batch_size`` rows that one training step draws (handed over as one batch, in order)."""
+        return 1
+
     def plain(self, name: str) -> nn.Module:
         """A fresh plain copy of engine ``name``'s network (weights are loaded into it), for samples and export."""
         raise NotImplementedError
 
     def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
         """Videos to log as MP4 (name -> ``[T, H, W, 3]`` uint8) from plain copies of the engines; rank 0 only."""
+        return {}
+
+    def figures(self, step: int) -> Mapping[str, np.ndarray]:
+        """Images (name -> ``[H, W, 3]`` uint8) that the step just taken drew for MLflow; rank 0 logs them."""
         return {}
 
     def learning_curve(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
@@ -298,6 +306,13 @@ class _Logger:
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Each image as ``<name>/step_<step>.png`` artifact of the stage's run."""
+        if self.client is None:
+            return
+        for name, image in images.items():
+            self.client.log_image(self.run_id, image, artifact_file=f"{name}/step_{step:07d}.png")
+
     def console(self, step: int, total: int, values: Mapping[str, float]) -> None:
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
         self.line(f"step {step}/{total}  {shown}")
@@ -324,7 +339,9 @@ def _shard_in_memory(shard: Any) -> dict[str, Tensor]:
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
-def _batches_in_memory(rows: Mapping[str, Tensor], section: TrainConfig, rank: int, epoch: int, skip: int) -> Iterator[dict[str, Tensor]]:
+def _batches_in_memory(
+    rows: Mapping[str, Tensor], section: TrainConfig, size: int, rank: int, epoch: int, skip: int
+) -> Iterator[dict[str, Tensor]]:
     """One epoch of the cached shard: a seeded permutation per epoch (none without a shuffle buffer), the first
     ``skip`` batches dropped; no Ray Data execution per epoch, so a short epoch costs nothing extra."""
     count = len(next(iter(rows.values()))) if rows else 0
@@ -332,16 +349,16 @@ def _batches_in_memory(rows: Mapping[str, Tensor], section: TrainConfig, rank: i
         order = torch.randperm(count, generator=torch.Generator().manual_seed(_epoch_seed(section, rank, epoch)))
     else:
         order = torch.arange(count)
-    size = section.batch_size
     for i in range(skip, count // size):
         picked = order[i * size : (i + 1) * size]
         yield {key: value[picked] for key, value in rows.items()}
 
 
-def _batches(shard: Any, section: TrainConfig, rank: int, epoch: int, skip: int) -> Iterator[dict[str, Tensor]]:
-    """One epoch of this worker's shard, shuffled with a per-epoch seed, the first ``skip`` batches dropped."""
+def _batches(shard: Any, section: TrainConfig, size: int, rank: int, epoch: int, skip: int) -> Iterator[dict[str, Tensor]]:
+    """One epoch of this worker's shard in batches of ``size`` rows, shuffled with a per-epoch seed, the first
+    ``skip`` batches dropped."""
     iterator = shard.iter_torch_batches(
-        batch_size=section.batch_size,
+        batch_size=size,
         drop_last=True,
         local_shuffle_buffer_size=section.shuffle_buffer or None,
         local_shuffle_seed=_epoch_seed(section, rank, epoch),
@@ -447,15 +464,18 @@ def _train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     cached = _shard_in_memory(shard) if section.cache_shard else None
 
+    rows_per_step = section.batch_size * job.task.batches_per_step()
+
     def epoch_batches(epoch: int, skip: int) -> Iterator[dict[str, Tensor]]:
         if cached is not None:
-            return _batches_in_memory(cached, section, rank, epoch, skip)
-        return _batches(shard, section, rank, epoch, skip)
+            return _batches_in_memory(cached, section, rows_per_step, rank, epoch, skip)
+        return _batches(shard, section, rows_per_step, rank, epoch, skip)
 
     batches = epoch_batches(epoch, batch_in_epoch)
     last_metrics: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
     window_sums: dict[str, Tensor | float] = {}
+    window_counts: dict[str, int] = {}
     global_batch = section.batch_size * world
     while step < section.steps:
         batch = next(batches, None)
@@ -464,7 +484,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             batches = epoch_batches(epoch, 0)
             batch = next(batches, None)
             if batch is None:
-                raise ValueError(f"{job.name}: the dataset shard has fewer rows than one batch of {section.batch_size}")
+                raise ValueError(f"{job.name}: the dataset shard has fewer rows than one step's {rows_per_step}")
         if job.before_step is not None:
             job.before_step(step, rank, resumed_from is not None)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -472,12 +492,15 @@ def _train_loop(config: dict[str, Any]) -> None:
             values = job.task.train_step(step, batch, engines, frozen)
         for key, value in values.items():
             window_sums[key] = window_sums.get(key, 0.0) + value
+            window_counts[key] = window_counts.get(key, 0) + 1
         step += 1
         batch_in_epoch += 1
         window_steps += 1
+        if sink is not None:
+            sink.images(step, job.task.figures(step))
         if sink is not None and (step % section.log_every == 0 or step == section.steps):
             elapsed = time.perf_counter() - window_start
-            last_metrics = {k: v / window_steps for k, v in _scalars(window_sums).items()}
+            last_metrics = {k: v / window_counts[k] for k, v in _scalars(window_sums).items()}
             for name, engine in engines.items():
                 prefix = "" if len(engines) == 1 else f"{name}."
                 last_metrics[f"{prefix}lr"] = float(engine.get_lr()[0])
@@ -489,7 +512,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             last_metrics["epoch"] = float(epoch)
             sink.metrics(step, last_metrics)
             sink.console(step, section.steps, last_metrics)
-            window_start, window_steps, window_sums = time.perf_counter(), 0, {}
+            window_start, window_steps, window_sums, window_counts = time.perf_counter(), 0, {}, {}
         if section.sample_every and step % section.sample_every == 0 and step < section.steps:
             plain = _plain_models(job, engines, section.zero_stage, sink is not None)
             if sink is not None:

@@ -40,12 +40,19 @@ class StudentRegression(nn.Module):
         self.register_buffer("student_times", student_times.float().clone())
 
     def forward(self, states: Tensor, x0: Tensor, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
-        b, num_steps, f = states.shape[:3]
-        idx = chunk_timestep_indices(b, f, self.chunk_frames, num_steps, device=states.device)
-        x_t = select_states(states, idx)
-        t = self.student_times.to(x_t.dtype)[idx]
-        pred = self.dit.predict_x0(x_t, t, text_emb.to(x_t.dtype), text_mask.bool(), mode="block_causal")
-        return ode_regression_loss(pred, x0), per_timestep_errors(pred, x0, idx, num_steps)
+        return regression_on_states(self.dit, self.student_times, self.chunk_frames, states, x0, text_emb, text_mask)
+
+
+def regression_on_states(
+    dit: DiT, student_times: Tensor, chunk_frames: int, states: Tensor, x0: Tensor, text_emb: Tensor, text_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``L_init`` of one batch of trajectories and its per-timestep errors ``[S]``; the `dmd` stage's anchor too."""
+    b, num_steps, f = states.shape[:3]
+    idx = chunk_timestep_indices(b, f, chunk_frames, num_steps, device=states.device)
+    x_t = select_states(states, idx)
+    t = student_times.to(x_t.dtype)[idx]
+    pred = dit.predict_x0(x_t, t, text_emb.to(x_t.dtype), text_mask.bool(), mode="block_causal")
+    return ode_regression_loss(pred, x0), per_timestep_errors(pred, x0, idx, num_steps)
 
 
 def build_student(preset_name: str) -> StudentRegression:

@@ -17,13 +17,16 @@ from infra import storage
 from infra.cluster import ensure_ray
 from infra.config import ConfigError, load_config
 from pipelines.oracle import ORACLE_KEYS
-from pipelines.workflow import run_stages, select_stages
+from pipelines.workflow import plan, run_stages, select_stages
 
 TABLE_KEYS = tuple(f"oracle_{key}_accuracy" for key in ORACLE_KEYS)
 
 
-def run_sweep(sweep_path: str, config_path: str | None, overrides: Sequence[str]) -> list[dict[str, Any]]:
-    """Run every row of a sweep file up to `dmd`; one result row each, then the many-step teachers' rows.
+def run_sweep(
+    sweep_path: str, config_path: str | None, overrides: Sequence[str], start: str | None = None
+) -> list[dict[str, Any]]:
+    """Run every row of a sweep file up to `dmd` (from stage ``start`` on, when the stages before it are already
+    complete): the many-step teachers' rows, then one result row each.
 
     The table is written to ``<root>/sweeps/<name>.json``.
     """
@@ -35,13 +38,15 @@ def run_sweep(sweep_path: str, config_path: str | None, overrides: Sequence[str]
     for row in sweep["rows"]:
         config = load_config(base, [*sweep.get("set", []), *row.get("set", []), *overrides])
         ensure_ray(config)
-        outputs = run_stages(config, select_stages(config, until="dmd"), parent_run_name=f"sweep:{row['name']}")
+        outputs = run_stages(config, select_stages(config, start=start, until="dmd"), parent_run_name=f"sweep:{row['name']}")
         summary = storage.read_manifest(outputs["dmd"])["summary"]
         rows.append({"name": row["name"], "set": row.get("set", []), "output": outputs["dmd"], **{k: summary.get(k) for k in TABLE_KEYS}})
-    many_step = {"teacher": outputs["teacher"], "causal_teacher": outputs["causal_teacher"]}
-    for name, uri in many_step.items():
-        summary = storage.read_manifest(uri)["summary"]
-        rows.append({"name": f"{name} (many-step)", "set": [], "output": uri, **{k: summary.get(k) for k in TABLE_KEYS}})
+    many_step = []
+    for name in ("teacher", "causal_teacher"):
+        uri = plan(config).output_uri(name)
+        summary = storage.read_manifest(uri)["summary"] if storage.is_complete(uri) else {}
+        many_step.append({"name": f"{name} (many-step)", "set": [], "output": uri, **{k: summary.get(k) for k in TABLE_KEYS}})
+    rows = many_step + rows
     root = config.storage.root
     storage.write_json(storage.join(storage.normalize(root), "sweeps", f"{sweep.get('name', 'sweep')}.json"), rows)
     return rows

@@ -25,7 +25,7 @@ def test_defaults_equal_an_empty_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["dmd.lrr=3"], "unknown config key 'dmd.lrr' (allowed here: batch_size, cache_shard, cfg_scale"),
+        (["dmd.lrr=3"], "unknown config key 'dmd.lrr' (allowed here: batch_size, cache_shard, checkpoint_every, clean_context"),
         (["nosuch.key=1"], "unknown config key 'nosuch' (allowed here: causal_teacher, clips, dmd"),
         (["dmd.teacher=foo"], "config key 'dmd.teacher': must be one of 'bidirectional', 'causal' or 'none' (got 'foo')"),
         (["dmd.zero_stage=5"], "config key 'dmd.zero_stage': must be one of 0, 1, 2 or 3 (got 5)"),

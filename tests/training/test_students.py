@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import mlflow
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from infra import storage, tracking
 from model.presets import get_preset
@@ -50,6 +52,20 @@ def test_ode_init_then_dmd(world) -> None:
     client = mlflow.MlflowClient()
     updates = {name: [m.value for m in client.get_metric_history(dmd["mlflow_run_id"], name)] for name in ("generator.updates", "critic.updates")}
     assert updates == {"generator.updates": [1.0, 2.0], "critic.updates": [3.0, 6.0]}
+    # Diagnostics of step 0 (logged as step 1): latent statistics and the decoded x0 / x0_real / x0_fake panel.
+    preset = get_preset("tiny")
+    channels = preset.latent_shape()[1]
+    for name in ("data", "x0", "x0_real", "x0_fake"):
+        history = client.get_metric_history(dmd["mlflow_run_id"], f"diag/{name}_c{channels - 1}_std")
+        assert [m.step for m in history] == [1] and history[0].value > 0
+    panels = [a.path for a in client.list_artifacts(dmd["mlflow_run_id"], "diagnostics/x0_real_fake")]
+    assert panels == ["diagnostics/x0_real_fake/step_0000001.png"]
+    image = np.asarray(Image.open(client.download_artifacts(dmd["mlflow_run_id"], panels[0])))
+    assert image.shape == (3 * preset.height, preset.clip_frames * preset.width, 3)
+    # The table of every model: only the ODE-init student was scored here (the DMD student's evaluation is off).
+    table = storage.read_json(storage.join(outputs["dmd"], "eval", "scoreboard.json"))
+    assert list(table) == ["ode_init"] and table["ode_init"]["prompts"] == 2 and table["ode_init"]["comparable"] is False
+    assert metrics["scoreboard_ode_init_color_accuracy"] == alignment["color_accuracy"]
     generator = load_model(storage.join(outputs["dmd"], MODEL_FILE), mode="block_causal")
     assert weights_differ(student, generator)
 
