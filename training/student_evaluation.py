@@ -23,6 +23,7 @@ from pipelines.oracle import ORACLE_KEYS
 from pipelines.shapes_world import heldout_prompts
 from pipelines.workflow import StageContext
 from training import sampling
+from training.harness import after_training
 
 REGRESSION_ROWS = 32
 
@@ -102,15 +103,14 @@ def finish_student(
 ) -> dict[str, Any]:
     """Shared end of the student stages: per-timestep regression loss and oracle scores, logged and summarised."""
     preset_name = ctx.config.model.preset
-    use_gpu = section.use_gpu
     summary: dict[str, Any] = {}
     if trajectories_uri:
-        regress = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(regression_per_timestep)
+        regress = after_training(regression_per_timestep, section)
         regression = ray.get(regress.remote(model_uri, trajectories_uri, preset_name))
         storage.write_json(ctx.output("eval", "regression.json"), regression)
         summary.update(regression)
     if section.eval_prompts and vae_uri:
-        evaluate = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(evaluate_student)
+        evaluate = after_training(evaluate_student, section)
         evaluated = ray.get(evaluate.remote(model_uri, vae_uri, preset_name, section, ctx.config.teacher.seed))
         summary.update(sampling.publish_alignment(ctx, evaluated))
         summary.update(teacher_alignment_on(ctx.inputs["teacher"], evaluated["scores"]["prompts"], ctx.config.teacher.seed))
