@@ -28,6 +28,10 @@ from torch.utils.checkpoint import checkpoint
 from model import schedule
 
 ATTENTION_MODES = ("bidirectional", "block_causal")
+ARCHITECTURES = ("causvid", "wan2.1")
+"""``causvid``: a linear patch embedding, cross-attention masked to the caption's tokens, a learned null caption.
+``wan2.1``: Wan2.1's exact layout (a Conv3d patch embedding, cross-attention over every position of the padded
+text, the encoded empty prompt as the null caption, held fixed), so its weights load one to one."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class DiTConfig:
     rope_theta: float = 10000.0
     null_text_len: int = 1
     eps: float = 1e-6
+    architecture: str = "causvid"
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -55,6 +60,8 @@ class DiTConfig:
             raise ValueError("head dim must be even for rotary embedding")
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
 
     @property
     def head_dim(self) -> int:
@@ -243,6 +250,7 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
+        self.masked = cfg.architecture == "causvid"
         self.q = nn.Linear(cfg.dim, cfg.dim)
         self.k = nn.Linear(cfg.dim, cfg.dim)
         self.v = nn.Linear(cfg.dim, cfg.dim)
@@ -251,12 +259,14 @@ class CrossAttention(nn.Module):
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
-        """``x: [B, N, D]``, ``context: [B, L, D]``, ``context_mask: [B, L]`` (True = real token)."""
+        """``x: [B, N, D]``, ``context: [B, L, D]``, ``context_mask: [B, L]`` (True = real token; unused by Wan,
+        whose queries see the padded positions too)."""
         split = "b n (h d) -> b h n d"
         q = rearrange(self.norm_q(self.q(x)), split, h=self.heads)
         k = rearrange(self.norm_k(self.k(context)), split, h=self.heads)
         v = rearrange(self.v(context), split, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask[:, None, None, :])
+        mask = context_mask[:, None, None, :] if self.masked else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -316,7 +326,10 @@ class DiT(nn.Module):
         self.attention_mode = cfg.attention_mode
         self.gradient_checkpointing = False
         pt, ph, pw = cfg.patch
-        self.patch_embed = nn.Linear(cfg.in_channels * pt * ph * pw, cfg.dim)
+        if cfg.architecture == "wan2.1":
+            self.patch_embed: nn.Module = nn.Conv3d(cfg.in_channels, cfg.dim, cfg.patch, stride=cfg.patch)
+        else:
+            self.patch_embed = nn.Linear(cfg.in_channels * pt * ph * pw, cfg.dim)
         self.text_embed = nn.Sequential(
             nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
         )
@@ -326,16 +339,19 @@ class DiT(nn.Module):
         self.head_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.head_modulation = nn.Parameter(torch.zeros(1, 1, 2, cfg.dim))
         self.head = nn.Linear(cfg.dim, cfg.in_channels * pt * ph * pw)
-        self.null_text_embedding = nn.Parameter(torch.zeros(cfg.null_text_len, cfg.text_dim))
+        self.null_text_embedding = nn.Parameter(
+            torch.zeros(cfg.null_text_len, cfg.text_dim), requires_grad=cfg.architecture == "causvid"
+        )
         self.initialize()
 
     def initialize(self, adaln_zero: bool = True) -> None:
         """Xavier linears; with ``adaln_zero`` every gate and the output start at zero (DiT), else random (Wan)."""
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.null_text_embedding, std=0.02)
+        if self.cfg.architecture == "causvid":
+            nn.init.normal_(self.null_text_embedding, std=0.02)
         modulations = [self.head_modulation, *(b.modulation for b in self.blocks)]
         if adaln_zero:
             for p in [*modulations, self.time_proj[-1].weight, self.head.weight]:
@@ -347,8 +363,13 @@ class DiT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def set_null_text(self, emb: Tensor, mask: Tensor) -> None:
+        """Hold an encoded caption ``emb [L, text_dim]`` with ``mask [L]`` (Wan: the empty prompt) as the null one."""
+        self.null_text_embedding.copy_(emb * mask[:, None])
+
     def null_text(self, batch_size: int, length: int | None = None) -> tuple[Tensor, Tensor]:
-        """Learned null caption for classifier-free guidance: ``emb [B, L, text_dim]``, ``mask [B, L]``.
+        """Null caption for classifier-free guidance: ``emb [B, L, text_dim]``, ``mask [B, L]``.
 
         Padded with zeros (masked out) to ``length`` so it can stand in for a batch of captions of that length.
         """
@@ -398,7 +419,7 @@ class DiT(nn.Module):
         tokens_per_frame = gh * gw
         t = t.expand(b, f) if t.dim() == 2 else t[:, None].expand(b, f)
 
-        tokens = self.patch_embed(rearrange(x, "b f c (h p) (w q) -> b (f h w) (c p q)", p=ph, q=pw))
+        tokens = self.embed_patches(x)
         e = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(tokens.dtype))
         e_mod = self.time_proj(e).unflatten(-1, (6, cfg.dim))
         context = self.text_embed(text.to(tokens.dtype))
@@ -431,6 +452,13 @@ class DiT(nn.Module):
         return rearrange(
             out, "b f (h w) (c p q) -> b f c (h p) (w q)", h=gh, w=gw, p=ph, q=pw, c=cfg.in_channels
         )
+
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """Latents ``[B, F, C, H, W]`` -> tokens ``[B, F * H/ph * W/pw, dim]`` in (frame, row, column) order."""
+        _, ph, pw = self.cfg.patch
+        if isinstance(self.patch_embed, nn.Conv3d):
+            return rearrange(self.patch_embed(rearrange(x, "b f c h w -> b c f h w")), "b d f h w -> b (f h w) d")
+        return self.patch_embed(rearrange(x, "b f c (h p) (w q) -> b (f h w) (c p q)", p=ph, q=pw))
 
     def new_cache(self, window_chunks: int | None = None, sink: bool = False) -> KVCache:
         return KVCache.empty(self.cfg.depth, window_chunks=window_chunks, sink=sink)
