@@ -52,7 +52,11 @@ class RayConfig(Section):
 
 
 class ModelConfig(Section):
+    """The preset (shapes, text encoder, schedule) of every stage; `text_path` is the local folder of its t5/umt5
+    text encoder (a transformers folder, or a diffusers pipeline folder with text_encoder/ and tokenizer/)."""
+
     preset: str = "tiny"
+    text_path: str | None = None
 
 
 class SyntheticConfig(Section):
@@ -86,8 +90,6 @@ class ClipsConfig(Section):
     )
     rows_per_shard: int = Field(default=64, ge=1)
     videos_per_task: int = Field(default=8, ge=1, description="Videos per Ray task; also the unit of resumption.")
-    text_encoder: str = "minilm"
-    text_max_length: int = Field(default=32, ge=1)
 
 
 class TrainConfig(Section):
@@ -145,6 +147,10 @@ class LatentsConfig(Section):
 class TeacherConfig(TrainConfig):
     """Flow-matching DiT teacher; evaluated by the pixel oracle on CFG samples of held-out prompts."""
 
+    source: str | None = Field(
+        default=None,
+        description="An imported teacher (`causvid import-teacher`) that every reader of the teacher takes instead.",
+    )
     text_dropout: float = Field(default=0.1, ge=0, le=1)
     eval_prompts: int = Field(default=64, ge=0)
     eval_steps: int | None = Field(default=None, ge=1, description="Euler steps of the evaluation samples (preset's).")
@@ -162,6 +168,7 @@ class TeacherConfig(TrainConfig):
 class CausalTeacherConfig(TeacherConfig):
     """Block-causal fine-tune of the teacher, each chunk at its own noise level."""
 
+    source: Literal[None] = Field(default=None, description="Only the teacher is imported.")
     text_dropout: float = Field(default=0.1, ge=0, le=1)
     eval_prompts: int = Field(default=16, ge=0)
 

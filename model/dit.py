@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model import schedule
+from model.text import check_text_width
 
 ATTENTION_MODES = ("bidirectional", "block_causal")
 ARCHITECTURES = ("causvid", "wan2.1")
@@ -412,6 +413,7 @@ class DiT(nn.Module):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"mode must be one of {ATTENTION_MODES}, got {mode!r}")
         b, f, _, hh, ww = x.shape
+        check_text_width(text.shape[-1], cfg.text_dim, embeddings="caption embeddings", model="the DiT")
         pt, ph, pw = cfg.patch
         if pt != 1:
             raise ValueError("per-frame modulation needs a temporal patch of 1")

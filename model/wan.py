@@ -256,9 +256,13 @@ def vae_from_diffusers(vae_or_path: nn.Module | str | Path) -> WanVAE:
     """Our VAE interface over an ``AutoencoderKLWan`` or its ``save_pretrained`` folder (or a pipeline folder)."""
     if isinstance(vae_or_path, nn.Module):
         return WanVAE(vae_or_path.float())
+    return wan_vae_from_state(*read_diffusers_folder(vae_or_path, "vae"))
+
+
+def wan_vae_from_state(config: dict[str, Any], state: dict[str, Tensor]) -> WanVAE:
+    """A :class:`WanVAE` from an ``AutoencoderKLWan`` config and state dict (an imported teacher's VAE)."""
     from diffusers import AutoencoderKLWan
 
-    config, state = read_diffusers_folder(vae_or_path, "vae")
     model = AutoencoderKLWan.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     model.load_state_dict(state, strict=True)
     return WanVAE(model.float())

@@ -397,24 +397,26 @@ def _video_fields(video: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class CaptionEncoder:
-    """Ray Data actor: loads the text encoder once and embeds batches of captions."""
+    """Ray Data actor: loads the preset's text encoder once and embeds batches of captions."""
 
-    def __init__(self, kind: str, max_length: int) -> None:
-        from model.text import build_text_encoder
+    def __init__(self, preset: str, text_path: str | None) -> None:
+        from model.presets import get_preset
 
-        self.encoder = build_text_encoder(kind, max_length=max_length)
+        self.encoder = get_preset(preset).text_encoder_for(text_path)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb, mask = self.encoder.encode([str(c) for c in batch["caption"]])
         return {"caption": batch["caption"], "text_emb": emb.numpy().astype(np.float32), "text_mask": mask.numpy()}
 
 
-def embed_captions(captions: Sequence[str], kind: str, max_length: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+def embed_captions(
+    captions: Sequence[str], preset: str, text_path: str | None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Embed each distinct caption once.  -> (captions, emb [N, L, D] float32, mask [N, L] bool)."""
     distinct = sorted(set(captions))
     dataset = ray.data.from_items([{"caption": c} for c in distinct]).map_batches(
         CaptionEncoder,
-        fn_constructor_kwargs={"kind": kind, "max_length": max_length},
+        fn_constructor_kwargs={"preset": preset, "text_path": text_path},
         batch_size=64,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
@@ -480,7 +482,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if pending:
         started = time.perf_counter()
         captions = [v["caption"] for vs in pending.values() for v in vs]
-        text = ray.put(embed_captions(captions, cfg.text_encoder, cfg.text_max_length))
+        text = ray.put(embed_captions(captions, ctx.config.model.preset, ctx.config.model.text_path))
         seconds["embed"] = time.perf_counter() - started
         tasks = ray.data.from_items(
             [{"group": g, "videos": json.dumps(vs)} for g, vs in sorted(pending.items())],

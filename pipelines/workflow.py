@@ -174,13 +174,25 @@ def _check_stage(name: str | None) -> None:
 
 @dataclass(frozen=True)
 class Plan:
-    """Fingerprints and output URIs of every stage for one config."""
+    """Fingerprints and output URIs of every stage for one config; an imported stage output keeps its own URI."""
 
     root: str
     fingerprints: dict[str, str]
+    imported: dict[str, str] = field(default_factory=dict)
 
     def output_uri(self, stage: str) -> str:
-        return storage.join(self.root, stage, self.fingerprints[stage])
+        return self.imported.get(stage) or storage.join(self.root, stage, self.fingerprints[stage])
+
+
+def imported_outputs(config: PipelineConfig) -> dict[str, str]:
+    """Stage outputs the config takes from elsewhere (``teacher.source``), checked to be complete imports."""
+    source = config.teacher.source
+    if not source:
+        return {}
+    uri = storage.normalize(source)
+    if not storage.is_complete(uri):
+        raise ConfigError(f"config key 'teacher.source': {source} is not a complete teacher output (run causvid import-teacher)")
+    return {"teacher": uri}
 
 
 def plan(config: PipelineConfig, code: str | None = None) -> Plan:
@@ -189,7 +201,11 @@ def plan(config: PipelineConfig, code: str | None = None) -> Plan:
     ``code`` replaces every stage's code version (tests use it to hold the code fixed).
     """
     fingerprints: dict[str, str] = {}
+    imported = imported_outputs(config)
     for name, stage in STAGES.items():
+        if name in imported:
+            fingerprints[name] = str(storage.read_manifest(imported[name])["fingerprint"])
+            continue
         section = section_dump(getattr(config, stage.section))
         if name == "clips" and config.clips.manifest:
             section["manifest_sha256"] = hashlib.sha256(storage.read_bytes(config.clips.manifest)).hexdigest()
@@ -201,7 +217,7 @@ def plan(config: PipelineConfig, code: str | None = None) -> Plan:
             "model": section_dump(config.model),
         }
         fingerprints[name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return Plan(root=storage.normalize(config.storage.root), fingerprints=fingerprints)
+    return Plan(root=storage.normalize(config.storage.root), fingerprints=fingerprints, imported=imported)
 
 
 def _load_entry(entry: str) -> Callable[[StageContext], dict[str, Any]]:
@@ -292,6 +308,8 @@ def run_stages(
     for name in force:
         _check_stage(name)
     the_plan = plan(config)
+    for name in force & set(the_plan.imported):
+        raise ConfigError(f"stage '{name}' is imported from {the_plan.imported[name]} and cannot be forced")
     outputs: dict[str, str] = {}
     with tracking.workflow_run(config, parent_run_name, {"stages": ",".join(stages)}) as parent_id:
         for name in stages:
