@@ -181,13 +181,12 @@ def summarize(per_second: dict[str, dict[str, list[float]]], results: list[dict[
 
 
 def _prompts(ctx: StageContext) -> list[dict[str, Any]]:
-    from model.text import build_text_encoder
     from pipelines.shapes_world import heldout_prompts
 
     cfg = ctx.config.evaluate
     preset = get_preset(ctx.config.model.preset)
     prompts = heldout_prompts(cfg.num_prompts, seed=cfg.seed)
-    encoder = build_text_encoder(preset.text_encoder, max_length=preset.text_len)
+    encoder = preset.text_encoder_for(ctx.config.model.text_path)
     emb, mask = encoder.encode([str(p["caption"]) for p in prompts])
     for prompt, e, m in zip(prompts, emb.numpy(), mask.numpy(), strict=True):
         prompt["text_emb"], prompt["text_mask"] = e.astype(np.float32), m.astype(bool)

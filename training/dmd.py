@@ -250,7 +250,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         vae_uri=vae_uri,
         section=section,
         cfg_scale=cfg_scale,
-        sample_text=sample_text_for(preset_name, section, ctx.config.teacher.seed),
+        sample_text=sample_text_for(preset_name, section, ctx.config.teacher.seed, ctx.config.model.text_path),
     )
     dataset = training_dataset(ctx.inputs["latents"])
     result = fit(stage_job(ctx, section, task, dataset, teacher=section.teacher, ode_init=section.ode_init))
