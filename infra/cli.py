@@ -19,6 +19,7 @@ BENCHMARKS = {
     "inference": ("model.bench", "teacher 50-step vs student 4-step streaming, KV-cache growth, matmul fraction"),
     "data": ("pipelines.bench", "decord raw decode vs the clips stage, frames/s"),
     "train": ("training.bench", "samples/s and peak memory per ZeRO stage and worker count"),
+    "memory": ("model.memory", "a preset's parameters, model states per ZeRO stage and activations, on the meta device"),
 }
 
 

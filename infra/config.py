@@ -76,9 +76,19 @@ class ClipsConfig(Section):
     manifest: str | None = Field(
         default=None, description="CSV/JSONL/Parquet of `uri,caption`; default: the synthetic stage's manifest."
     )
-    fps: int = Field(default=12, ge=1)
-    size: int = Field(default=64, ge=16)
-    clip_frames: int = Field(default=33, ge=1, description="1 + 4n frames, so the VAE maps it to 1 + n latents.")
+    fps: int | None = Field(default=None, ge=1, description="Frame rate of the clips (default: the preset's).")
+    height: int | None = Field(default=None, ge=16, description="Clip height (default: the preset's).")
+    width: int | None = Field(default=None, ge=16, description="Clip width (default: the preset's).")
+    size: int | None = Field(default=None, ge=16, description="Square clips: height = width = size.")
+    clip_frames: int | None = Field(
+        default=None, ge=1, description="1 + 4n frames, so the VAE maps it to 1 + n latents (default: the preset's)."
+    )
+    crf: int | None = Field(
+        default=None,
+        ge=0,
+        le=51,
+        description="Each clip's frames are stored as H.264: lossless RGB by default, or 4:2:0 at this CRF (far smaller).",
+    )
     stride_frames: int = Field(default=32, ge=1)
     min_seconds: float = Field(default=1.0, ge=0)
     min_side: int = Field(default=32, ge=1)

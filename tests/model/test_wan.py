@@ -9,6 +9,8 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from model.dit import DiT
+from model.memory import model_state_bytes, training_memory
+from model.presets import get_preset
 from model.wan import convert_dit_state, dit_config_from_diffusers, dit_from_diffusers, vae_from_diffusers
 
 WAN_CONFIGS = {
@@ -135,3 +137,24 @@ def test_vae_loads_from_a_saved_folder(wan_vae: AutoencoderKLWan, tmp_path: Path
     wan_vae.save_pretrained(tmp_path / "vae")
     latents = torch.randn(1, 2, 4, 4, 4, generator=torch.Generator().manual_seed(8))
     assert torch.equal(vae_from_diffusers(tmp_path).decode(latents), vae_from_diffusers(wan_vae).decode(latents))
+
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+)
+
+
+def test_the_wan_preset_is_wan2_1_t2v_1_3b_tensor_for_tensor() -> None:
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**WAN_1_3B)
+    preset = get_preset("wan2.1-t2v-1.3b")
+    assert dit_config_from_diffusers(dict(transformer.config), chunk_frames=preset.chunk_frames) == preset.dit
+    wan_parameters = sum(p.numel() for p in transformer.parameters())
+    memory = training_memory("wan2.1-t2v-1.3b", ranks=8)
+    assert memory["trainable_parameters"] == wan_parameters == 1_418_996_800
+    assert memory["parameters"] == wan_parameters + 512 * 4096  # the empty prompt, held fixed
+
+
+def test_model_states_per_zero_stage() -> None:
+    assert [model_state_bytes(1000, stage, 8) for stage in range(4)] == [16000, 5500, 3750, 2000]
