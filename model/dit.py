@@ -3,7 +3,8 @@
 Latents are ``[B, F, C, H, W]``; tokens are ``1 x 2 x 2`` (by default) latent patches in (frame, row, column) order.
 Each latent frame carries its own flow time ``t [B, F]`` (chunks may sit at different noise levels), fed to the
 blocks by adaLN modulation. Self-attention is ``bidirectional`` or ``block_causal`` (frame i sees frame j iff
-``j // chunk <= i // chunk``); the output is the flow velocity ``eps - x0`` (see :mod:`model.schedule`).
+``j // chunk <= i // chunk``, computed chunk by chunk without a dense mask, see :mod:`model.attention`); the output
+is the flow velocity ``eps - x0`` (see :mod:`model.schedule`).
 
 Incremental inference uses a :class:`KVCache`: one forward per chunk attends to the cached keys/values of earlier
 clean chunks; a forward with ``update_cache=True`` (the clean pass at t = 0) appends the chunk. Cached keys are
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model import schedule
+from model.attention import BlockCausalLayout, block_causal_attention
 from model.text import check_text_width
 
 ATTENTION_MODES = ("bidirectional", "block_causal")
@@ -67,34 +69,6 @@ class DiTConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
-
-
-def block_causal_mask(
-    num_frames: int,
-    chunk: int,
-    *,
-    window_chunks: int | None = None,
-    sink: bool = False,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Frame-level mask ``[F, F]`` (True = may attend): i sees j iff ``j // chunk <= i // chunk``.
-
-    With ``window_chunks = W`` frame i sees only chunks ``i // chunk - W .. i // chunk`` (plus chunk 0 if ``sink``),
-    which is what a KV cache keeping the last W chunks computes.
-    """
-    c = torch.arange(num_frames, device=device) // chunk
-    allowed = c[None, :] <= c[:, None]
-    if window_chunks is not None:
-        near = c[:, None] - c[None, :] <= window_chunks
-        if sink:
-            near = near | (c[None, :] == 0)
-        allowed = allowed & near
-    return allowed
-
-
-def token_mask(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
-    """Expand a frame mask ``[Fq, Fk]`` to tokens ``[Fq * S, Fk * S]`` (tokens are frame-major)."""
-    return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
 @dataclass
@@ -225,11 +199,12 @@ class SelfAttention(nn.Module):
         self,
         x: Tensor,
         angles: Tensor,
-        mask: Tensor | None,
+        layout: BlockCausalLayout | None,
         cache: LayerKV | None,
         update_cache: bool,
     ) -> Tensor:
-        """``x: [B, N, D]``; ``angles`` cover the cached tokens then the N new ones; ``mask: [N, N_cache + N]``."""
+        """``x: [B, N, D]``; ``angles`` cover the cached tokens then the N new ones; ``layout`` restricts which
+        keys each chunk's queries see (None: all)."""
         split = "b n (h d) -> b h n d"
         q = rearrange(self.norm_q(self.q(x)), split, h=self.heads)
         k = rearrange(self.norm_k(self.k(x)), split, h=self.heads)
@@ -243,7 +218,10 @@ class SelfAttention(nn.Module):
         n = x.shape[1]
         q = apply_rope(q, angles[-n:])
         k_all = apply_rope(k_all, angles)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        if layout is None:
+            out = F.scaled_dot_product_attention(q, k_all, v_all)
+        else:
+            out = block_causal_attention(q, k_all, v_all, layout)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -293,7 +271,7 @@ class DiTBlock(nn.Module):
         context: Tensor,
         context_mask: Tensor,
         angles: Tensor,
-        mask: Tensor | None,
+        layout: BlockCausalLayout | None,
         cache: LayerKV | None,
         update_cache: bool,
     ) -> Tensor:
@@ -307,7 +285,7 @@ class DiTBlock(nn.Module):
         def gated(h: Tensor, gate: Tensor) -> Tensor:
             return (h.view(b, f, -1, h.shape[-1]) * gate).view_as(h)
 
-        h = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, mask, cache, update_cache)
+        h = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, layout, cache, update_cache)
         x = x + gated(h, gate1)
         x = x + self.cross_attn(self.norm3(x), context, context_mask)
         x = x + gated(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
@@ -430,17 +408,15 @@ class DiT(nn.Module):
         past = cache.num_frames if cache is not None else 0
         frames = torch.arange(past + f, device=x.device)
         angles = rope_angles(frames, gh, gw, cfg.head_dim, cfg.rope_theta)
-        mask = None
+        layout = None
         if mode == "block_causal":
-            frame_mask = block_causal_mask(f, cfg.chunk_frames, window_chunks=None if cache else window_chunks, sink=sink)
-            if not bool(frame_mask.all()):
-                mask = token_mask(frame_mask, tokens_per_frame).to(x.device)
-                if past:
-                    mask = torch.cat([mask.new_ones(mask.shape[0], past * tokens_per_frame), mask], dim=1)
+            layout = BlockCausalLayout.of(
+                f, cfg.chunk_frames, tokens_per_frame, past, window_chunks=None if cache else window_chunks, sink=sink
+            )
 
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            args = (tokens, e_mod, context, context_mask, angles, mask, layer_cache, update_cache)
+            args = (tokens, e_mod, context, context_mask, angles, layout, layer_cache, update_cache)
             if self.gradient_checkpointing and self.training and cache is None:
                 tokens = checkpoint(block, *args, use_reentrant=False)
             else:
