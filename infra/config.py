@@ -197,6 +197,9 @@ class TrajectoriesConfig(Section):
     batch_size: int = Field(default=8, ge=1, description="Prompts per teacher batch inside an actor.")
     actors: int | None = Field(default=None, ge=1, description="Teacher actors (default: one per free CPU or GPU).")
     use_gpu: bool = False
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: the teacher's ODE under bf16 autocast (its fp32 weights kept); states stored fp32."
+    )
     seed: int = 0
 
 

@@ -382,6 +382,8 @@ class DiT(nn.Module):
     ) -> Tensor:
         """Velocity ``[B, F, C, H, W]`` for latents ``x [B, F, C, H, W]`` at per-frame times ``t [B, F]`` (or ``[B]``).
 
+        Inputs are taken in the weights' dtype (a bf16 DiT reads an fp32 batch), or autocast's where it is on.
+
         ``mode`` overrides ``self.attention_mode``. Without a cache, ``window_chunks``/``sink`` restrict a
         ``block_causal`` forward to what a sliding-window cache sees. With a ``cache``, ``x`` is the next chunk(s)
         (starting on a chunk boundary) and attends to every cached frame; ``update_cache`` appends its keys/values.
@@ -399,7 +401,7 @@ class DiT(nn.Module):
         tokens_per_frame = gh * gw
         t = t.expand(b, f) if t.dim() == 2 else t[:, None].expand(b, f)
 
-        tokens = self.embed_patches(x)
+        tokens = self.embed_patches(x.to(self.head.weight.dtype))
         e = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(tokens.dtype))
         e_mod = self.time_proj(e).unflatten(-1, (6, cfg.dim))
         context = self.text_embed(text.to(tokens.dtype))
