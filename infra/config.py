@@ -235,6 +235,11 @@ class EvaluateConfig(Section):
 
     seconds: float = Field(default=30.0, gt=0)
     num_prompts: int = Field(default=8, ge=1)
+    prompts_file: str | None = Field(
+        default=None,
+        description="Captions, one a line (local or s3://); without it the shapes world's held-out prompts. The oracle "
+        "metrics need the shapes world and are skipped for a prompts file; the weight-free and CLIP metrics stay.",
+    )
     seed: int = 1234
     models: list[Literal["dmd_student", "ode_init_student", "causal_teacher", "teacher"]] = [
         "dmd_student",

@@ -24,6 +24,7 @@ TINY_WAN = dict(
     text_dim=384, freq_dim=64, ffn_dim=128, num_layers=2, rope_max_seq_len=64,
 )
 EVALUATE = ("evaluate.seconds=2", "evaluate.num_prompts=1", "evaluate.causal_teacher_steps=2", "evaluate.applications=false")
+LEANER = ("trajectories.num_prompts=4", "ode_init.eval_prompts=0")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,10 @@ def test_imported_wan_teacher_runs_trajectories_to_evaluate(
     ray_local: None, wan_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = tmp_path / "root"
-    settings = [f"storage.root={root}", "model.preset=tiny-wan2.1", *FAST, *EVALUATE]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lighthouse in a storm at night\n\n")
+    settings = [f"storage.root={root}", "model.preset=tiny-wan2.1", *FAST, *LEANER, *EVALUATE,
+                f"evaluate.prompts_file={prompts}"]
     base = load_config(None, settings)
     assert main(["import-teacher", "--format", "diffusers", str(wan_folder), *(f"--set={s}" for s in settings[:2])]) == 0
     uri = capsys.readouterr().out.strip().splitlines()[-1]
@@ -72,6 +76,9 @@ def test_imported_wan_teacher_runs_trajectories_to_evaluate(
     assert torch.equal(student.null_text_embedding, teacher.null_text_embedding)
     summary = storage.read_json(storage.join(outputs["evaluate"], "summary.json"))
     assert set(summary["models"]) == {"dmd_student", "ode_init_student", "causal_teacher", "teacher"}
+    student = summary["models"]["dmd_student"]
+    assert "color_acc" not in student and "persistence" not in student  # no oracle for free-form captions
+    assert 0.0 <= student["temporal_flickering"] <= 1.0 and student["seconds_of_video"] == 2
 
     tracking.configure(config)
     model_id = mlflow.get_run(manifest["mlflow_run_id"]).outputs.model_outputs[0].model_id
