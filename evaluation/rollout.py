@@ -33,16 +33,9 @@ from model.vae import video_to_pixels
 from model.weights import MODEL_FILE, load_model
 from pipelines.oracle import OBJECT_KEYS, ORACLE_KEYS, score_video
 from pipelines.video import encode_mp4
-from pipelines.workflow import StageContext, vae_of
+from pipelines.workflow import EVALUATED_MODELS, StageContext, vae_of
 
 log = logging.getLogger("causvid")
-
-MODEL_INPUTS = {
-    "dmd_student": "dmd",
-    "ode_init_student": "ode_init",
-    "causal_teacher": "causal_teacher",
-    "teacher": "teacher",
-}
 
 
 @dataclass(frozen=True)
@@ -228,7 +221,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             guidance_scale=preset.guidance_scale,
             clip_checkpoint=cfg.clip_checkpoint,
         )
-        for model, stage in MODEL_INPUTS.items()
+        for model, stage in EVALUATED_MODELS.items()
         if model in cfg.models
         for i, prompt in enumerate(prompts)
     ]
@@ -238,7 +231,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         done, pending = ray.wait(pending, num_returns=1)
         results.extend(ray.get(done))
         log.info("evaluate: %d/%d rollouts scored", len(results), len(specs))
-    results.sort(key=lambda r: (list(MODEL_INPUTS).index(r["model"]), r["prompt_index"]))
+    results.sort(key=lambda r: (list(EVALUATED_MODELS).index(r["model"]), r["prompt_index"]))
     per_second = mean_curves(results)
     summary = summarize(per_second, results)
     summary["clip_metrics"] = bool(cfg.clip_checkpoint)

@@ -146,6 +146,9 @@ class VaeConfig(TrainConfig):
     train_frames: int = Field(default=9, ge=1)
     eval_clips: int = Field(default=16, ge=1, description="Held-out clips for PSNR and oracle accuracy.")
     stats_clips: int = Field(default=64, ge=2, description="Training clips that measure the latent mean and std.")
+    source: str | None = Field(
+        default=None, description="An imported VAE (`causvid import-teacher` writes one in <teacher>/vae) used instead."
+    )
 
 
 class LatentsConfig(Section):

@@ -2,7 +2,8 @@
 
 The transformer is converted exactly (:func:`model.wan.dit_from_diffusers`) into the preset's chunking and caption
 length, its null caption set to the preset's encoding of the empty prompt (Wan's unconditional branch), and written
-as safetensors beside its config; the VAE, when the folder has one, likewise. The folder is named by the weights'
+as safetensors beside its config; the VAE, when the folder has one, likewise in ``vae/``, itself a complete `vae`
+output (``--set vae.source=FOLDER/vae``, so the latents are Wan's). The folder is named by the weights'
 digest, which is also its fingerprint, so the stages that read `--set teacher.source=FOLDER` re-run exactly when
 the weights change. The import is an MLflow run whose model is the teacher (``models:/`` URIs resolve to it).
 """
@@ -22,7 +23,14 @@ from infra.errors import UserError
 from model.dit import DiTConfig
 from model.presets import Preset, get_preset
 from model.wan import dit_from_diffusers, vae_from_diffusers
-from model.weights import safetensors_files, weights_digest, weights_payload, write_safetensors
+from model.weights import (
+    FORMAT,
+    MODEL_FILE,
+    safetensors_files,
+    weights_digest,
+    weights_payload,
+    write_safetensors,
+)
 
 FORMATS = ("diffusers",)
 VAE_FOLDER = "vae"
@@ -57,14 +65,8 @@ def import_teacher(config: PipelineConfig, source: str | Path, fmt: str = "diffu
     if storage.is_complete(uri):
         return uri
     write_safetensors(uri, (weights, meta))
-    vae_uri = None
-    if (Path(source) / VAE_FOLDER / "config.json").is_file():
-        vae = vae_from_diffusers(source)
-        payload = {"format": "causvid-weights/1", "kind": "wan_vae", "preset": preset.name,
-                   "config": dict(vae.cfg.diffusers), "step": 0, "state_dict": vae.model.state_dict(), "extra": extra}
-        write_safetensors(storage.join(uri, VAE_FOLDER), safetensors_files(payload))
-        vae_uri = storage.join(uri, VAE_FOLDER, "model.pt")
     run_id = _log_import(config, dit, uri, fingerprint, str(source))
+    vae_uri = _import_vae(source, storage.join(uri, VAE_FOLDER), preset.name, extra, run_id)
     storage.write_manifest(uri, {
         "stage": "teacher",
         "fingerprint": fingerprint,
@@ -77,6 +79,22 @@ def import_teacher(config: PipelineConfig, source: str | Path, fmt: str = "diffu
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     return uri
+
+
+def _import_vae(source: str | Path, uri: str, preset: str, extra: dict[str, str], run_id: str) -> str | None:
+    """The folder's VAE, when it has one, as a complete `vae` output inside the teacher's (for ``vae.source``)."""
+    if not (Path(source) / VAE_FOLDER / "config.json").is_file():
+        return None
+    vae = vae_from_diffusers(source)
+    payload = {"format": FORMAT, "kind": "wan_vae", "preset": preset, "config": dict(vae.cfg.diffusers), "step": 0,
+               "state_dict": vae.model.state_dict(), "extra": extra}
+    weights, meta = safetensors_files(payload)
+    write_safetensors(uri, (weights, meta))
+    storage.write_manifest(uri, {
+        "stage": "vae", "fingerprint": weights_digest(weights)[:16], "inputs": {}, "config": extra,
+        "counts": {}, "summary": {"imported_from": str(source)}, "mlflow_run_id": run_id,
+    })
+    return storage.join(uri, MODEL_FILE)
 
 
 def _log_import(config: PipelineConfig, dit: torch.nn.Module, uri: str, fingerprint: str, source: str) -> str:

@@ -69,6 +69,22 @@ def _clips_inputs(config: PipelineConfig) -> tuple[str, ...]:
     return () if config.clips.manifest else ("synthetic",)
 
 
+EVALUATED_MODELS = {
+    "dmd_student": "dmd",
+    "ode_init_student": "ode_init",
+    "causal_teacher": "causal_teacher",
+    "teacher": "teacher",
+}
+"""The models `evaluate.models` may name and the stage whose output holds each."""
+
+
+def _evaluate_inputs(config: PipelineConfig) -> tuple[str, ...]:
+    """The VAE, the teacher (an imported one's VAE decodes), and the stages of the models under test; the
+    applications run on the DMD student."""
+    evaluated = {EVALUATED_MODELS[m] for m in config.evaluate.models} | ({"dmd"} if config.evaluate.applications else set())
+    return ("vae", "teacher", *(s for s in ("causal_teacher", "ode_init", "dmd") if s in evaluated))
+
+
 def _dmd_inputs(config: PipelineConfig) -> tuple[str, ...]:
     """The causal teacher is an input only where it is the real score, so `--until dmd` trains it only then."""
     causal = ("causal_teacher",) if config.dmd.teacher == "causal" else ()
@@ -108,7 +124,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             "evaluation.rollout:run",
-            _always("vae", "teacher", "causal_teacher", "ode_init", "dmd"),
+            _evaluate_inputs,
             "evaluate",
             "30-second rollouts and drift metrics",
         ),
@@ -184,15 +200,23 @@ class Plan:
         return self.imported.get(stage) or storage.join(self.root, stage, self.fingerprints[stage])
 
 
+IMPORTABLE = ("vae", "teacher")
+
+
 def imported_outputs(config: PipelineConfig) -> dict[str, str]:
-    """Stage outputs the config takes from elsewhere (``teacher.source``), checked to be complete imports."""
-    source = config.teacher.source
-    if not source:
-        return {}
-    uri = storage.normalize(source)
-    if not storage.is_complete(uri):
-        raise ConfigError(f"config key 'teacher.source': {source} is not a complete teacher output (run causvid import-teacher)")
-    return {"teacher": uri}
+    """Stage outputs the config takes from elsewhere (``vae.source``, ``teacher.source``), checked to be complete."""
+    imported = {}
+    for stage in IMPORTABLE:
+        source = getattr(config, stage).source
+        if not source:
+            continue
+        uri = storage.normalize(source)
+        if not storage.is_complete(uri) or storage.read_manifest(uri).get("stage") != stage:
+            raise ConfigError(
+                f"config key '{stage}.source': {source} is not a complete {stage} output (run causvid import-teacher)"
+            )
+        imported[stage] = uri
+    return imported
 
 
 def plan(config: PipelineConfig, code: str | None = None) -> Plan:

@@ -7,14 +7,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from evaluation.checkpoint import resolve_checkpoint
 from infra import storage, tracking
 from infra.cli import main
 from infra.config import ConfigError, load_config
 from model.presets import get_preset
-from model.wan import dit_from_diffusers
+from model.wan import WanVAE, dit_from_diffusers
 from model.weights import MODEL_FILE, SAFETENSORS_FILE, load_model, save_model, weights_digest
 from pipelines.workflow import plan, run_stages
 from tests.world import FAST, random_dit, write_world
@@ -22,6 +22,10 @@ from tests.world import FAST, random_dit, write_world
 TINY_WAN = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=8, out_channels=8,
     text_dim=384, freq_dim=64, ffn_dim=128, num_layers=2, rope_max_seq_len=64,
+)
+TINY_WAN_VAE = dict(  # the tiny preset's latent space: 8 channels, space / 4, time / 4
+    base_dim=8, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+    latents_mean=[0.0] * 8, latents_std=[1.0] * 8,
 )
 EVALUATE = ("evaluate.seconds=2", "evaluate.num_prompts=1", "evaluate.causal_teacher_steps=2", "evaluate.applications=false")
 LEANER = ("trajectories.num_prompts=4", "ode_init.eval_prompts=0")
@@ -32,6 +36,7 @@ def wan_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("wan")
     torch.manual_seed(0)
     WanTransformer3DModel(**TINY_WAN).save_pretrained(folder / "transformer")
+    AutoencoderKLWan(**TINY_WAN_VAE).save_pretrained(folder / "vae")
     return folder
 
 
@@ -56,6 +61,9 @@ def test_imported_wan_teacher_runs_trajectories_to_evaluate(
     for key, value in direct.state_dict().items():
         if key != "null_text_embedding":
             assert torch.equal(teacher.state_dict()[key], value), key
+    vae = load_model(storage.join(uri, "vae", MODEL_FILE))
+    assert isinstance(vae, WanVAE) and manifest["summary"]["vae"] == storage.join(uri, "vae", MODEL_FILE)
+    assert vae.encode(torch.zeros(1, 5, 3, 64, 64)).shape == (1, 2, 8, 16, 16)
     empty, empty_mask = get_preset("tiny").text_encoder_for().encode([""])
     assert torch.equal(teacher.null_text_embedding, empty[0] * empty_mask[0, :, None])
 
@@ -64,6 +72,8 @@ def test_imported_wan_teacher_runs_trajectories_to_evaluate(
     the_plan = plan(config)
     assert the_plan.output_uri("teacher") == uri and the_plan.fingerprints["teacher"] == manifest["fingerprint"]
     assert the_plan.fingerprints["trajectories"] != plan(base).fingerprints["trajectories"]
+    with_vae = plan(load_config(None, [*settings, f"teacher.source={uri}", f"vae.source={uri}/vae"]))
+    assert with_vae.output_uri("vae") == f"{uri}/vae" and with_vae.fingerprints["latents"] != the_plan.fingerprints["latents"]
     causal = the_plan.output_uri("causal_teacher")
     save_model(storage.join(causal, MODEL_FILE), random_dit(2, "block_causal"), kind="dit", preset="tiny", step=0)
     storage.write_manifest(causal, {"fingerprint": the_plan.fingerprints["causal_teacher"], "summary": {}})
