@@ -231,7 +231,7 @@ def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, 
     """Cut one video's bytes into clips that pass the rules.
 
     Returns the probe, the number of decodable source frames, the kept clips (`start_frame`,
-    `start_time`, `frames` [T, S, S, 3] uint8, `motion_score`) and the count of clips dropped per reason.
+    `start_time`, `frames` [T, H, W, 3] uint8, `motion_score`) and the count of clips dropped per reason.
     Raises Rejected when the video cannot be read or yields no clip. The kept clips of one video are
     held in memory (at the target size) until it is decided; source frames are decoded in bounded chunks.
     """
