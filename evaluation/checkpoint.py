@@ -1,5 +1,6 @@
-"""Which student to generate from: a stage output folder, a ``model.pt`` URI or the MLflow run id of the stage that
-wrote it, resolved to its weights and the VAE found through the manifests of its inputs."""
+"""Which student to generate from: a stage output folder, a ``model.pt`` URI, the MLflow run id of the stage that
+wrote it or a ``models:/`` URI of a model logged in such a run, resolved to its weights and the VAE found through the
+manifests of its inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from infra import storage, tracking
 from infra.config import PipelineConfig
 from infra.errors import UserError
-from model.weights import MODEL_FILE
+from model.weights import MODEL_FILE, model_exists
 from pipelines.workflow import vae_of
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -36,32 +37,40 @@ def resolve_checkpoint(checkpoint: str, *, vae: str | None = None, config: Pipel
         if not storage.is_complete(output):
             raise UserError(f"checkpoint {checkpoint} is not a complete stage output (no {storage.MANIFEST})")
         model_uri = storage.join(output, MODEL_FILE)
-        if not storage.exists(model_uri):
+        if not model_exists(model_uri):
             raise UserError(f"checkpoint {checkpoint} holds no {MODEL_FILE}")
-    elif RUN_ID.match(checkpoint):
+    elif RUN_ID.match(checkpoint) or checkpoint.startswith("models:/"):
         output = _run_output(checkpoint, config or PipelineConfig())
         model_uri = storage.join(output, MODEL_FILE)
-        if not storage.exists(model_uri):
+        if not model_exists(model_uri):
             raise UserError(f"MLflow run {checkpoint} wrote no {MODEL_FILE} (output {output})")
     else:
-        raise UserError(f"unknown checkpoint {checkpoint!r}: not a stage output, a {MODEL_FILE} or an MLflow run id")
+        raise UserError(
+            f"unknown checkpoint {checkpoint!r}: not a stage output, a {MODEL_FILE}, an MLflow run id or a models:/ URI"
+        )
     vae_uri = vae or (vae_of(output) if output else None)
     if not vae_uri:
         raise UserError(f"no VAE is recorded for checkpoint {checkpoint}; pass --vae PATH/model.pt")
-    if not storage.exists(vae_uri):
+    if not model_exists(vae_uri):
         raise UserError(f"VAE weights not found: {vae_uri}")
     return Checkpoint(model_uri, vae_uri, output)
 
 
-def _run_output(run_id: str, config: PipelineConfig) -> str:
+def _run_output(reference: str, config: PipelineConfig) -> str:
+    """The ``causvid.output`` of a run, given its id or a ``models:/`` URI of a model it logged."""
+    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri = tracking.tracking_uri(config)
+    run_id = reference
     try:
+        if reference.startswith("models:/"):
+            tracking.configure(config)
+            run_id = str(mlflow.models.get_model_info(reference).run_id)
         tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
     except MlflowException:
-        raise UserError(f"unknown checkpoint {run_id!r}: no such MLflow run in {uri}") from None
+        raise UserError(f"unknown checkpoint {reference!r}: no such MLflow run or model in {uri}") from None
     output = tags.get("causvid.output")
     if not output or not storage.is_complete(output):
         raise UserError(f"MLflow run {run_id} has no complete stage output (tag causvid.output={output!r})")

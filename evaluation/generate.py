@@ -29,7 +29,7 @@ from infra.errors import UserError
 from model.dit import DiT
 from model.presets import Preset, get_preset
 from model.streaming import stream
-from model.text import TextEncoder, build_text_encoder
+from model.text import TextEncoder
 from model.vae import VAE, pixels_to_video, video_to_pixels
 from model.weights import build_from_payload, read_payload
 from pipelines.video import Mp4Writer, VideoSource, read_image
@@ -99,7 +99,8 @@ class Generator:
         model = build_from_payload(payload, mode="block_causal").to(device)
         vae_model = build_from_payload(read_payload(ckpt.vae_uri)).to(device)
         preset = get_preset(payload["preset"])
-        encoder = text_encoder or build_text_encoder(preset.text_encoder, max_length=preset.text_len, device=device)
+        text_path = config.model.text_path if config is not None else None
+        encoder = text_encoder or preset.text_encoder_for(text_path, device=device)
         return cls(model, vae_model, preset, encoder)
 
     @property

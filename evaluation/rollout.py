@@ -33,16 +33,9 @@ from model.vae import video_to_pixels
 from model.weights import MODEL_FILE, load_model
 from pipelines.oracle import OBJECT_KEYS, ORACLE_KEYS, score_video
 from pipelines.video import encode_mp4
-from pipelines.workflow import StageContext
+from pipelines.workflow import EVALUATED_MODELS, StageContext, vae_of
 
 log = logging.getLogger("causvid")
-
-MODEL_INPUTS = {
-    "dmd_student": "dmd",
-    "ode_init_student": "ode_init",
-    "causal_teacher": "causal_teacher",
-    "teacher": "teacher",
-}
 
 
 @dataclass(frozen=True)
@@ -55,7 +48,7 @@ class RolloutSpec:
     preset: str
     prompt_index: int
     caption: str
-    expected: dict[str, Any]
+    expected: dict[str, Any] | None
     text_emb: np.ndarray
     text_mask: np.ndarray
     seconds: float
@@ -104,8 +97,11 @@ def render(spec: RolloutSpec) -> tuple[np.ndarray, float]:
     return frames[: preset.frames_for(spec.seconds)], time.perf_counter() - started
 
 
-def score(frames: np.ndarray, fps: float, expected: dict[str, Any]) -> dict[str, list[float]]:
-    """Per-second curves: oracle correctness, persistence, crispness, and the weight-free metrics."""
+def score(frames: np.ndarray, fps: float, expected: dict[str, Any] | None) -> dict[str, list[float]]:
+    """Per-second curves: oracle correctness, persistence, crispness (shapes-world prompts only, whose ``expected``
+    attributes the oracle checks), and the weight-free metrics."""
+    if expected is None:
+        return weight_free_metrics(frames, fps)
     rows = score_video(frames, fps, expected)
     curves = {f"{key}_acc": [float(row[f"{key}_ok"]) for row in rows] for key in OBJECT_KEYS}
     curves["persistence"] = [row["persistence"] for row in rows]
@@ -181,13 +177,18 @@ def summarize(per_second: dict[str, dict[str, list[float]]], results: list[dict[
 
 
 def _prompts(ctx: StageContext) -> list[dict[str, Any]]:
-    from model.text import build_text_encoder
     from pipelines.shapes_world import heldout_prompts
 
     cfg = ctx.config.evaluate
     preset = get_preset(ctx.config.model.preset)
-    prompts = heldout_prompts(cfg.num_prompts, seed=cfg.seed)
-    encoder = build_text_encoder(preset.text_encoder, max_length=preset.text_len)
+    if cfg.prompts_file:
+        lines = storage.read_bytes(cfg.prompts_file).decode().splitlines()
+        prompts: list[dict[str, Any]] = [{"caption": line.strip()} for line in lines if line.strip()][: cfg.num_prompts]
+        if not prompts:
+            raise UserError(f"evaluate.prompts_file: {cfg.prompts_file} holds no captions")
+    else:
+        prompts = heldout_prompts(cfg.num_prompts, seed=cfg.seed)
+    encoder = preset.text_encoder_for(ctx.config.model.text_path)
     emb, mask = encoder.encode([str(p["caption"]) for p in prompts])
     for prompt, e, m in zip(prompts, emb.numpy(), mask.numpy(), strict=True):
         prompt["text_emb"], prompt["text_mask"] = e.astype(np.float32), m.astype(bool)
@@ -202,7 +203,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         log.info("no CLIP checkpoint configured (evaluate.clip_checkpoint): CLIP metrics are skipped")
     elif not storage.exists(cfg.clip_checkpoint):
         raise UserError(f"evaluate.clip_checkpoint: no file at {cfg.clip_checkpoint}; give a local open_clip checkpoint")
-    vae_uri = storage.join(ctx.inputs["vae"], MODEL_FILE)
+    vae_uri = vae_of(ctx.inputs["teacher"]) or storage.join(ctx.inputs["vae"], MODEL_FILE)  # an imported one's own
     specs = [
         RolloutSpec(
             model=model,
@@ -211,7 +212,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             preset=preset.name,
             prompt_index=i,
             caption=str(prompt["caption"]),
-            expected={k: prompt[k] for k in ORACLE_KEYS},
+            expected={k: prompt[k] for k in ORACLE_KEYS} if all(k in prompt for k in ORACLE_KEYS) else None,
             text_emb=prompt["text_emb"],
             text_mask=prompt["text_mask"],
             seconds=cfg.seconds,
@@ -220,7 +221,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             guidance_scale=preset.guidance_scale,
             clip_checkpoint=cfg.clip_checkpoint,
         )
-        for model, stage in MODEL_INPUTS.items()
+        for model, stage in EVALUATED_MODELS.items()
         if model in cfg.models
         for i, prompt in enumerate(prompts)
     ]
@@ -230,7 +231,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         done, pending = ray.wait(pending, num_returns=1)
         results.extend(ray.get(done))
         log.info("evaluate: %d/%d rollouts scored", len(results), len(specs))
-    results.sort(key=lambda r: (list(MODEL_INPUTS).index(r["model"]), r["prompt_index"]))
+    results.sort(key=lambda r: (list(EVALUATED_MODELS).index(r["model"]), r["prompt_index"]))
     per_second = mean_curves(results)
     summary = summarize(per_second, results)
     summary["clip_metrics"] = bool(cfg.clip_checkpoint)

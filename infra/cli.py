@@ -19,6 +19,7 @@ BENCHMARKS = {
     "inference": ("model.bench", "teacher 50-step vs student 4-step streaming, KV-cache growth, matmul fraction"),
     "data": ("pipelines.bench", "decord raw decode vs the clips stage, frames/s"),
     "train": ("training.bench", "samples/s and peak memory per ZeRO stage and worker count"),
+    "memory": ("model.memory", "a preset's parameters, model states per ZeRO stage and activations, on the meta device"),
 }
 
 
@@ -94,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         'black background" --seconds 30 --out video.mp4 --prompt-at 10:"a blue square bouncing up and down on a '
         'black background"',
     )
-    generate.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH", help="stage output, model.pt or MLflow run id")
+    generate.add_argument(
+        "--checkpoint", required=True, metavar="RUN_OR_PATH", help="stage output, model.pt, MLflow run id or models:/ URI"
+    )
     generate.add_argument("--prompt", required=True, help="the caption (from the start)")
     generate.add_argument("--seconds", type=float, help="length (default 30 s; with --video the whole input)")
     generate.add_argument("--out", required=True, help="the MP4 to write, frame by frame as chunks are ready")
@@ -109,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     generate.add_argument("--config", "-c", help="YAML config, to find MLflow run ids (default: built-in defaults)")
     generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
+
+    imports = commands.add_parser(
+        "import-teacher",
+        help="convert a pretrained teacher into a teacher output for --set teacher.source=...",
+        description="Example: causvid import-teacher --format diffusers Wan2.1-T2V-1.3B-Diffusers "
+        "--set model.preset=wan2.1-t2v-1.3b; prints the output folder.",
+    )
+    imports.add_argument("path", metavar="PATH", help="the teacher's folder (diffusers: transformer/, vae/, text_encoder/)")
+    imports.add_argument("--format", default="diffusers", choices=["diffusers"], help="the folder's layout")
+    _config_args(imports)
 
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     bench.add_argument("name", choices=list(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
@@ -234,6 +247,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_teacher(args: argparse.Namespace) -> int:
+    from pipelines.teacher_import import import_teacher
+
+    print(import_teacher(_load(args), args.path, args.format))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     module_name = BENCHMARKS[args.name][0]
     try:
@@ -258,6 +278,7 @@ COMMANDS = {
     "report": _cmd_report,
     "dashboard": _cmd_dashboard,
     "generate": _cmd_generate,
+    "import-teacher": _cmd_import_teacher,
     "bench": _cmd_bench,
 }
 

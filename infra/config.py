@@ -52,7 +52,11 @@ class RayConfig(Section):
 
 
 class ModelConfig(Section):
+    """The preset (shapes, text encoder, schedule) of every stage; `text_path` is the local folder of its t5/umt5
+    text encoder (a transformers folder, or a diffusers pipeline folder with text_encoder/ and tokenizer/)."""
+
     preset: str = "tiny"
+    text_path: str | None = None
 
 
 class SyntheticConfig(Section):
@@ -72,9 +76,19 @@ class ClipsConfig(Section):
     manifest: str | None = Field(
         default=None, description="CSV/JSONL/Parquet of `uri,caption`; default: the synthetic stage's manifest."
     )
-    fps: int = Field(default=12, ge=1)
-    size: int = Field(default=64, ge=16)
-    clip_frames: int = Field(default=33, ge=1, description="1 + 4n frames, so the VAE maps it to 1 + n latents.")
+    fps: int | None = Field(default=None, ge=1, description="Frame rate of the clips (default: the preset's).")
+    height: int | None = Field(default=None, ge=16, description="Clip height (default: the preset's).")
+    width: int | None = Field(default=None, ge=16, description="Clip width (default: the preset's).")
+    size: int | None = Field(default=None, ge=16, description="Square clips: height = width = size.")
+    clip_frames: int | None = Field(
+        default=None, ge=1, description="1 + 4n frames, so the VAE maps it to 1 + n latents (default: the preset's)."
+    )
+    crf: int | None = Field(
+        default=None,
+        ge=0,
+        le=51,
+        description="Each clip's frames are stored as H.264: lossless RGB by default, or 4:2:0 at this CRF (far smaller).",
+    )
     stride_frames: int = Field(default=32, ge=1)
     min_seconds: float = Field(default=1.0, ge=0)
     min_side: int = Field(default=32, ge=1)
@@ -86,8 +100,6 @@ class ClipsConfig(Section):
     )
     rows_per_shard: int = Field(default=64, ge=1)
     videos_per_task: int = Field(default=8, ge=1, description="Videos per Ray task; also the unit of resumption.")
-    text_encoder: str = "minilm"
-    text_max_length: int = Field(default=32, ge=1)
 
 
 class TrainConfig(Section):
@@ -134,6 +146,9 @@ class VaeConfig(TrainConfig):
     train_frames: int = Field(default=9, ge=1)
     eval_clips: int = Field(default=16, ge=1, description="Held-out clips for PSNR and oracle accuracy.")
     stats_clips: int = Field(default=64, ge=2, description="Training clips that measure the latent mean and std.")
+    source: str | None = Field(
+        default=None, description="An imported VAE (`causvid import-teacher` writes one in <teacher>/vae) used instead."
+    )
 
 
 class LatentsConfig(Section):
@@ -145,6 +160,10 @@ class LatentsConfig(Section):
 class TeacherConfig(TrainConfig):
     """Flow-matching DiT teacher; evaluated by the pixel oracle on CFG samples of held-out prompts."""
 
+    source: str | None = Field(
+        default=None,
+        description="An imported teacher (`causvid import-teacher`) that every reader of the teacher takes instead.",
+    )
     text_dropout: float = Field(default=0.1, ge=0, le=1)
     eval_prompts: int = Field(default=64, ge=0)
     eval_steps: int | None = Field(default=None, ge=1, description="Euler steps of the evaluation samples (preset's).")
@@ -162,6 +181,7 @@ class TeacherConfig(TrainConfig):
 class CausalTeacherConfig(TeacherConfig):
     """Block-causal fine-tune of the teacher, each chunk at its own noise level."""
 
+    source: Literal[None] = Field(default=None, description="Only the teacher is imported.")
     text_dropout: float = Field(default=0.1, ge=0, le=1)
     eval_prompts: int = Field(default=16, ge=0)
 
@@ -180,6 +200,9 @@ class TrajectoriesConfig(Section):
     batch_size: int = Field(default=8, ge=1, description="Prompts per teacher batch inside an actor.")
     actors: int | None = Field(default=None, ge=1, description="Teacher actors (default: one per free CPU or GPU).")
     use_gpu: bool = False
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: the teacher's ODE under bf16 autocast (its fp32 weights kept); states stored fp32."
+    )
     seed: int = 0
 
 
@@ -237,6 +260,11 @@ class EvaluateConfig(Section):
 
     seconds: float = Field(default=30.0, gt=0)
     num_prompts: int = Field(default=8, ge=1)
+    prompts_file: str | None = Field(
+        default=None,
+        description="Captions, one a line (local or s3://); without it the shapes world's held-out prompts. The oracle "
+        "metrics need the shapes world and are skipped for a prompts file; the weight-free and CLIP metrics stay.",
+    )
     seed: int = 1234
     models: list[Literal["dmd_student", "ode_init_student", "causal_teacher", "teacher"]] = [
         "dmd_student",

@@ -3,7 +3,8 @@
 Latents are ``[B, F, C, H, W]``; tokens are ``1 x 2 x 2`` (by default) latent patches in (frame, row, column) order.
 Each latent frame carries its own flow time ``t [B, F]`` (chunks may sit at different noise levels), fed to the
 blocks by adaLN modulation. Self-attention is ``bidirectional`` or ``block_causal`` (frame i sees frame j iff
-``j // chunk <= i // chunk``); the output is the flow velocity ``eps - x0`` (see :mod:`model.schedule`).
+``j // chunk <= i // chunk``, computed chunk by chunk without a dense mask, see :mod:`model.attention`); the output
+is the flow velocity ``eps - x0`` (see :mod:`model.schedule`).
 
 Incremental inference uses a :class:`KVCache`: one forward per chunk attends to the cached keys/values of earlier
 clean chunks; a forward with ``update_cache=True`` (the clean pass at t = 0) appends the chunk. Cached keys are
@@ -26,8 +27,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model import schedule
+from model.attention import BlockCausalLayout, block_causal_attention
+from model.text import check_text_width
 
 ATTENTION_MODES = ("bidirectional", "block_causal")
+ARCHITECTURES = ("causvid", "wan2.1")
+"""``causvid``: a linear patch embedding, cross-attention masked to the caption's tokens, a learned null caption.
+``wan2.1``: Wan2.1's exact layout (a Conv3d patch embedding, cross-attention over every position of the padded
+text, the encoded empty prompt as the null caption, held fixed), so its weights load one to one."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class DiTConfig:
     rope_theta: float = 10000.0
     null_text_len: int = 1
     eps: float = 1e-6
+    architecture: str = "causvid"
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -55,38 +63,12 @@ class DiTConfig:
             raise ValueError("head dim must be even for rotary embedding")
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
-
-
-def block_causal_mask(
-    num_frames: int,
-    chunk: int,
-    *,
-    window_chunks: int | None = None,
-    sink: bool = False,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Frame-level mask ``[F, F]`` (True = may attend): i sees j iff ``j // chunk <= i // chunk``.
-
-    With ``window_chunks = W`` frame i sees only chunks ``i // chunk - W .. i // chunk`` (plus chunk 0 if ``sink``),
-    which is what a KV cache keeping the last W chunks computes.
-    """
-    c = torch.arange(num_frames, device=device) // chunk
-    allowed = c[None, :] <= c[:, None]
-    if window_chunks is not None:
-        near = c[:, None] - c[None, :] <= window_chunks
-        if sink:
-            near = near | (c[None, :] == 0)
-        allowed = allowed & near
-    return allowed
-
-
-def token_mask(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
-    """Expand a frame mask ``[Fq, Fk]`` to tokens ``[Fq * S, Fk * S]`` (tokens are frame-major)."""
-    return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
 @dataclass
@@ -217,11 +199,12 @@ class SelfAttention(nn.Module):
         self,
         x: Tensor,
         angles: Tensor,
-        mask: Tensor | None,
+        layout: BlockCausalLayout | None,
         cache: LayerKV | None,
         update_cache: bool,
     ) -> Tensor:
-        """``x: [B, N, D]``; ``angles`` cover the cached tokens then the N new ones; ``mask: [N, N_cache + N]``."""
+        """``x: [B, N, D]``; ``angles`` cover the cached tokens then the N new ones; ``layout`` restricts which
+        keys each chunk's queries see (None: all)."""
         split = "b n (h d) -> b h n d"
         q = rearrange(self.norm_q(self.q(x)), split, h=self.heads)
         k = rearrange(self.norm_k(self.k(x)), split, h=self.heads)
@@ -235,7 +218,10 @@ class SelfAttention(nn.Module):
         n = x.shape[1]
         q = apply_rope(q, angles[-n:])
         k_all = apply_rope(k_all, angles)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        if layout is None:
+            out = F.scaled_dot_product_attention(q, k_all, v_all)
+        else:
+            out = block_causal_attention(q, k_all, v_all, layout)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -243,6 +229,7 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
+        self.masked = cfg.architecture == "causvid"
         self.q = nn.Linear(cfg.dim, cfg.dim)
         self.k = nn.Linear(cfg.dim, cfg.dim)
         self.v = nn.Linear(cfg.dim, cfg.dim)
@@ -251,12 +238,14 @@ class CrossAttention(nn.Module):
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
-        """``x: [B, N, D]``, ``context: [B, L, D]``, ``context_mask: [B, L]`` (True = real token)."""
+        """``x: [B, N, D]``, ``context: [B, L, D]``, ``context_mask: [B, L]`` (True = real token; unused by Wan,
+        whose queries see the padded positions too)."""
         split = "b n (h d) -> b h n d"
         q = rearrange(self.norm_q(self.q(x)), split, h=self.heads)
         k = rearrange(self.norm_k(self.k(context)), split, h=self.heads)
         v = rearrange(self.v(context), split, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask[:, None, None, :])
+        mask = context_mask[:, None, None, :] if self.masked else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -282,7 +271,7 @@ class DiTBlock(nn.Module):
         context: Tensor,
         context_mask: Tensor,
         angles: Tensor,
-        mask: Tensor | None,
+        layout: BlockCausalLayout | None,
         cache: LayerKV | None,
         update_cache: bool,
     ) -> Tensor:
@@ -296,7 +285,7 @@ class DiTBlock(nn.Module):
         def gated(h: Tensor, gate: Tensor) -> Tensor:
             return (h.view(b, f, -1, h.shape[-1]) * gate).view_as(h)
 
-        h = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, mask, cache, update_cache)
+        h = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, layout, cache, update_cache)
         x = x + gated(h, gate1)
         x = x + self.cross_attn(self.norm3(x), context, context_mask)
         x = x + gated(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
@@ -316,7 +305,10 @@ class DiT(nn.Module):
         self.attention_mode = cfg.attention_mode
         self.gradient_checkpointing = False
         pt, ph, pw = cfg.patch
-        self.patch_embed = nn.Linear(cfg.in_channels * pt * ph * pw, cfg.dim)
+        if cfg.architecture == "wan2.1":
+            self.patch_embed: nn.Module = nn.Conv3d(cfg.in_channels, cfg.dim, cfg.patch, stride=cfg.patch)
+        else:
+            self.patch_embed = nn.Linear(cfg.in_channels * pt * ph * pw, cfg.dim)
         self.text_embed = nn.Sequential(
             nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
         )
@@ -326,16 +318,19 @@ class DiT(nn.Module):
         self.head_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.head_modulation = nn.Parameter(torch.zeros(1, 1, 2, cfg.dim))
         self.head = nn.Linear(cfg.dim, cfg.in_channels * pt * ph * pw)
-        self.null_text_embedding = nn.Parameter(torch.zeros(cfg.null_text_len, cfg.text_dim))
+        self.null_text_embedding = nn.Parameter(
+            torch.zeros(cfg.null_text_len, cfg.text_dim), requires_grad=cfg.architecture == "causvid"
+        )
         self.initialize()
 
     def initialize(self, adaln_zero: bool = True) -> None:
         """Xavier linears; with ``adaln_zero`` every gate and the output start at zero (DiT), else random (Wan)."""
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.null_text_embedding, std=0.02)
+        if self.cfg.architecture == "causvid":
+            nn.init.normal_(self.null_text_embedding, std=0.02)
         modulations = [self.head_modulation, *(b.modulation for b in self.blocks)]
         if adaln_zero:
             for p in [*modulations, self.time_proj[-1].weight, self.head.weight]:
@@ -347,8 +342,13 @@ class DiT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def set_null_text(self, emb: Tensor, mask: Tensor) -> None:
+        """Hold an encoded caption ``emb [L, text_dim]`` with ``mask [L]`` (Wan: the empty prompt) as the null one."""
+        self.null_text_embedding.copy_(emb * mask[:, None])
+
     def null_text(self, batch_size: int, length: int | None = None) -> tuple[Tensor, Tensor]:
-        """Learned null caption for classifier-free guidance: ``emb [B, L, text_dim]``, ``mask [B, L]``.
+        """Null caption for classifier-free guidance: ``emb [B, L, text_dim]``, ``mask [B, L]``.
 
         Padded with zeros (masked out) to ``length`` so it can stand in for a batch of captions of that length.
         """
@@ -382,6 +382,8 @@ class DiT(nn.Module):
     ) -> Tensor:
         """Velocity ``[B, F, C, H, W]`` for latents ``x [B, F, C, H, W]`` at per-frame times ``t [B, F]`` (or ``[B]``).
 
+        Inputs are taken in the weights' dtype (a bf16 DiT reads an fp32 batch), or autocast's where it is on.
+
         ``mode`` overrides ``self.attention_mode``. Without a cache, ``window_chunks``/``sink`` restrict a
         ``block_causal`` forward to what a sliding-window cache sees. With a ``cache``, ``x`` is the next chunk(s)
         (starting on a chunk boundary) and attends to every cached frame; ``update_cache`` appends its keys/values.
@@ -391,6 +393,7 @@ class DiT(nn.Module):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"mode must be one of {ATTENTION_MODES}, got {mode!r}")
         b, f, _, hh, ww = x.shape
+        check_text_width(text.shape[-1], cfg.text_dim, embeddings="caption embeddings", model="the DiT")
         pt, ph, pw = cfg.patch
         if pt != 1:
             raise ValueError("per-frame modulation needs a temporal patch of 1")
@@ -398,7 +401,7 @@ class DiT(nn.Module):
         tokens_per_frame = gh * gw
         t = t.expand(b, f) if t.dim() == 2 else t[:, None].expand(b, f)
 
-        tokens = self.patch_embed(rearrange(x, "b f c (h p) (w q) -> b (f h w) (c p q)", p=ph, q=pw))
+        tokens = self.embed_patches(x.to(self.head.weight.dtype))
         e = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(tokens.dtype))
         e_mod = self.time_proj(e).unflatten(-1, (6, cfg.dim))
         context = self.text_embed(text.to(tokens.dtype))
@@ -407,17 +410,15 @@ class DiT(nn.Module):
         past = cache.num_frames if cache is not None else 0
         frames = torch.arange(past + f, device=x.device)
         angles = rope_angles(frames, gh, gw, cfg.head_dim, cfg.rope_theta)
-        mask = None
+        layout = None
         if mode == "block_causal":
-            frame_mask = block_causal_mask(f, cfg.chunk_frames, window_chunks=None if cache else window_chunks, sink=sink)
-            if not bool(frame_mask.all()):
-                mask = token_mask(frame_mask, tokens_per_frame).to(x.device)
-                if past:
-                    mask = torch.cat([mask.new_ones(mask.shape[0], past * tokens_per_frame), mask], dim=1)
+            layout = BlockCausalLayout.of(
+                f, cfg.chunk_frames, tokens_per_frame, past, window_chunks=None if cache else window_chunks, sink=sink
+            )
 
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            args = (tokens, e_mod, context, context_mask, angles, mask, layer_cache, update_cache)
+            args = (tokens, e_mod, context, context_mask, angles, layout, layer_cache, update_cache)
             if self.gradient_checkpointing and self.training and cache is None:
                 tokens = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -431,6 +432,13 @@ class DiT(nn.Module):
         return rearrange(
             out, "b f (h w) (c p q) -> b f c (h p) (w q)", h=gh, w=gw, p=ph, q=pw, c=cfg.in_channels
         )
+
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """Latents ``[B, F, C, H, W]`` -> tokens ``[B, F * H/ph * W/pw, dim]`` in (frame, row, column) order."""
+        _, ph, pw = self.cfg.patch
+        if isinstance(self.patch_embed, nn.Conv3d):
+            return rearrange(self.patch_embed(rearrange(x, "b f c h w -> b c f h w")), "b d f h w -> b (f h w) d")
+        return self.patch_embed(rearrange(x, "b f c (h p) (w q) -> b (f h w) (c p q)", p=ph, q=pw))
 
     def new_cache(self, window_chunks: int | None = None, sink: bool = False) -> KVCache:
         return KVCache.empty(self.cfg.depth, window_chunks=window_chunks, sink=sink)

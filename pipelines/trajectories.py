@@ -40,8 +40,10 @@ import ray
 import torch
 
 from infra import storage, tracking
+from infra.errors import UserError
 from model.presets import get_preset
 from model.streaming import teacher_sample
+from model.text import check_text_width
 from model.weights import MODEL_FILE, load_model
 from pipelines.workflow import StageContext
 
@@ -151,15 +153,16 @@ class TeacherSolver:
         emb, mask = read_text([(p["text_uri"], p["text_row"]) for p in prompts])
         shape = self.preset.latent_shape()
         noise = torch.stack([prompt_noise(p["seed"], shape) for p in prompts]).to(self.device)
-        trajectory = teacher_sample(
-            self.teacher,
-            (torch.from_numpy(emb).to(self.device), torch.from_numpy(mask).to(self.device)),
-            noise,
-            self.preset.schedule(),
-            num_steps=s["ode_steps"],
-            guidance_scale=s["cfg_scale"],
-            record_timesteps=self.preset.student_timesteps,
-        )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s["precision"] == "bf16"):
+            trajectory = teacher_sample(
+                self.teacher,
+                (torch.from_numpy(emb).to(self.device), torch.from_numpy(mask).to(self.device)),
+                noise,
+                self.preset.schedule(),
+                num_steps=s["ode_steps"],
+                guidance_scale=s["cfg_scale"],
+                record_timesteps=self.preset.student_timesteps,
+            )
         states = trajectory.states.transpose(0, 1).float().cpu().numpy()  # [B, S, F, C, h, w]
         x0 = trajectory.x0.float().cpu().numpy()
         return [
@@ -235,6 +238,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         client.set_tag(ctx.run_id, "causvid.prompts_source", ctx.inputs["latents"])
 
     prompts = list_prompts(ctx.inputs["latents"], cfg.num_prompts, cfg.seed)
+    width = read_text([(prompts[0]["text_uri"], prompts[0]["text_row"])])[0].shape[-1]
+    try:
+        check_text_width(width, preset.text_dim, embeddings=f"the caption embeddings of {ctx.inputs['latents']}",
+                         model=f"preset {preset.name}'s teacher")
+    except ValueError as err:
+        raise UserError(str(err)) from None
     r = cfg.rows_per_shard
     jobs = [{"shard": k, "prompts": json.dumps(prompts[k * r : (k + 1) * r])} for k in range(-(-len(prompts) // r))]
     pending = [job for job in jobs if not ctx.done(shard_name(job["shard"]))]
@@ -248,6 +257,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "cfg_scale": cfg_scale,
             "batch_size": cfg.batch_size,
             "use_gpu": cfg.use_gpu,
+            "precision": cfg.precision,
             "teacher": teacher_manifest["fingerprint"],
             "teacher_run": teacher_run,
         }

@@ -69,6 +69,22 @@ def _clips_inputs(config: PipelineConfig) -> tuple[str, ...]:
     return () if config.clips.manifest else ("synthetic",)
 
 
+EVALUATED_MODELS = {
+    "dmd_student": "dmd",
+    "ode_init_student": "ode_init",
+    "causal_teacher": "causal_teacher",
+    "teacher": "teacher",
+}
+"""The models `evaluate.models` may name and the stage whose output holds each."""
+
+
+def _evaluate_inputs(config: PipelineConfig) -> tuple[str, ...]:
+    """The VAE, the teacher (an imported one's VAE decodes), and the stages of the models under test; the
+    applications run on the DMD student."""
+    evaluated = {EVALUATED_MODELS[m] for m in config.evaluate.models} | ({"dmd"} if config.evaluate.applications else set())
+    return ("vae", "teacher", *(s for s in ("causal_teacher", "ode_init", "dmd") if s in evaluated))
+
+
 def _dmd_inputs(config: PipelineConfig) -> tuple[str, ...]:
     """The causal teacher is an input only where it is the real score, so `--until dmd` trains it only then."""
     causal = ("causal_teacher",) if config.dmd.teacher == "causal" else ()
@@ -108,7 +124,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             "evaluation.rollout:run",
-            _always("vae", "teacher", "causal_teacher", "ode_init", "dmd"),
+            _evaluate_inputs,
             "evaluate",
             "30-second rollouts and drift metrics",
         ),
@@ -174,13 +190,33 @@ def _check_stage(name: str | None) -> None:
 
 @dataclass(frozen=True)
 class Plan:
-    """Fingerprints and output URIs of every stage for one config."""
+    """Fingerprints and output URIs of every stage for one config; an imported stage output keeps its own URI."""
 
     root: str
     fingerprints: dict[str, str]
+    imported: dict[str, str] = field(default_factory=dict)
 
     def output_uri(self, stage: str) -> str:
-        return storage.join(self.root, stage, self.fingerprints[stage])
+        return self.imported.get(stage) or storage.join(self.root, stage, self.fingerprints[stage])
+
+
+IMPORTABLE = ("vae", "teacher")
+
+
+def imported_outputs(config: PipelineConfig) -> dict[str, str]:
+    """Stage outputs the config takes from elsewhere (``vae.source``, ``teacher.source``), checked to be complete."""
+    imported = {}
+    for stage in IMPORTABLE:
+        source = getattr(config, stage).source
+        if not source:
+            continue
+        uri = storage.normalize(source)
+        if not storage.is_complete(uri) or storage.read_manifest(uri).get("stage") != stage:
+            raise ConfigError(
+                f"config key '{stage}.source': {source} is not a complete {stage} output (run causvid import-teacher)"
+            )
+        imported[stage] = uri
+    return imported
 
 
 def plan(config: PipelineConfig, code: str | None = None) -> Plan:
@@ -189,7 +225,11 @@ def plan(config: PipelineConfig, code: str | None = None) -> Plan:
     ``code`` replaces every stage's code version (tests use it to hold the code fixed).
     """
     fingerprints: dict[str, str] = {}
+    imported = imported_outputs(config)
     for name, stage in STAGES.items():
+        if name in imported:
+            fingerprints[name] = str(storage.read_manifest(imported[name])["fingerprint"])
+            continue
         section = section_dump(getattr(config, stage.section))
         if name == "clips" and config.clips.manifest:
             section["manifest_sha256"] = hashlib.sha256(storage.read_bytes(config.clips.manifest)).hexdigest()
@@ -201,7 +241,7 @@ def plan(config: PipelineConfig, code: str | None = None) -> Plan:
             "model": section_dump(config.model),
         }
         fingerprints[name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return Plan(root=storage.normalize(config.storage.root), fingerprints=fingerprints)
+    return Plan(root=storage.normalize(config.storage.root), fingerprints=fingerprints, imported=imported)
 
 
 def _load_entry(entry: str) -> Callable[[StageContext], dict[str, Any]]:
@@ -292,6 +332,8 @@ def run_stages(
     for name in force:
         _check_stage(name)
     the_plan = plan(config)
+    for name in force & set(the_plan.imported):
+        raise ConfigError(f"stage '{name}' is imported from {the_plan.imported[name]} and cannot be forced")
     outputs: dict[str, str] = {}
     with tracking.workflow_run(config, parent_run_name, {"stages": ",".join(stages)}) as parent_id:
         for name in stages:

@@ -369,7 +369,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         vae_uri=vae_uri,
         section=section,
         guidance_scale=guidance_scale,
-        sample_text=sample_text_for(preset_name, section, ctx.config.teacher.seed),
+        sample_text=sample_text_for(preset_name, section, ctx.config.teacher.seed, ctx.config.model.text_path),
     )
     if section.regression_weight:
         dataset = trajectories.training_dataset(trajectories_uri)

@@ -105,7 +105,7 @@ def train_regression(
         weight_decay=section.weight_decay,
         init_uri=init_uri,
         vae_uri=vae_uri,
-        sample_text=sample_text_for(preset_name, section, ctx.config.teacher.seed),
+        sample_text=sample_text_for(preset_name, section, ctx.config.teacher.seed, ctx.config.model.text_path),
     )
     result = fit(stage_job(ctx, section, task, trajectories.training_dataset(trajectories_uri), init=init_uri))
     summary: dict[str, Any] = {"model": result.model_uri, "init": init_uri, "train_seconds": round(result.seconds, 1)}

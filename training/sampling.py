@@ -20,7 +20,6 @@ from model.dit import DiT
 from model.presets import get_preset
 from model.schedule import FlowSchedule
 from model.streaming import stream, teacher_sample
-from model.text import build_text_encoder
 from model.vae import video_to_pixels
 from pipelines.oracle import oracle_alignment
 from pipelines.shapes_world import heldout_prompts
@@ -30,10 +29,11 @@ from training.harness import log_videos
 SAMPLE_SEED = 4321
 
 
-def prompt_embeddings(preset_name: str, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def prompt_embeddings(
+    preset_name: str, captions: Sequence[str], text_path: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Caption embeddings ``[N, L, D]`` float32 and masks ``[N, L]`` with the preset's text encoder."""
-    p = get_preset(preset_name)
-    emb, mask = build_text_encoder(p.text_encoder, max_length=p.text_len).encode(list(captions))
+    emb, mask = get_preset(preset_name).text_encoder_for(text_path).encode(list(captions))
     return emb.numpy().astype(np.float32), mask.numpy()
 
 
@@ -101,11 +101,13 @@ def stream_videos(
     return np.concatenate(videos)
 
 
-def heldout_text(preset_name: str, num: int, seed: int) -> tuple[list[dict[str, Any]], tuple[np.ndarray, np.ndarray]]:
+def heldout_text(
+    preset_name: str, num: int, seed: int, text_path: str | None = None
+) -> tuple[list[dict[str, Any]], tuple[np.ndarray, np.ndarray]]:
     """The shapes world's first ``num`` held-out prompts for ``seed`` (the teacher's seed for every model, so all
     are scored on the same captions) and their caption embeddings."""
     prompts = heldout_prompts(num, seed=seed)
-    return prompts, prompt_embeddings(preset_name, [p["caption"] for p in prompts])
+    return prompts, prompt_embeddings(preset_name, [p["caption"] for p in prompts], text_path)
 
 
 def alignment_scores(videos: np.ndarray, prompts: Sequence[dict[str, Any]], **settings: Any) -> dict[str, Any]:

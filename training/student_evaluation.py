@@ -28,11 +28,13 @@ from training.harness import after_training
 REGRESSION_ROWS = 32
 
 
-def sample_text_for(preset_name: str, section: StudentConfig, prompt_seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+def sample_text_for(
+    preset_name: str, section: StudentConfig, prompt_seed: int, text_path: str | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Caption embeddings of the prompts of the sample videos logged while training (None for no samples)."""
     if not section.sample_prompts:
         return None
-    return sampling.heldout_text(preset_name, section.sample_prompts, prompt_seed)[1]
+    return sampling.heldout_text(preset_name, section.sample_prompts, prompt_seed, text_path)[1]
 
 
 def sample_videos(
@@ -47,10 +49,10 @@ def sample_videos(
 
 
 def evaluate_student(
-    model_uri: str, vae_uri: str, preset_name: str, section: StudentConfig, prompt_seed: int
+    model_uri: str, vae_uri: str, preset_name: str, section: StudentConfig, prompt_seed: int, text_path: str | None
 ) -> dict[str, Any]:
     """Oracle alignment of 4-step streaming samples for ``section.eval_prompts`` held-out prompts."""
-    prompts, (emb, mask) = sampling.heldout_text(preset_name, section.eval_prompts, prompt_seed)
+    prompts, (emb, mask) = sampling.heldout_text(preset_name, section.eval_prompts, prompt_seed, text_path)
     videos = sampling.stream_videos(
         load_model(model_uri, mode="block_causal"),
         load_model(vae_uri),
@@ -111,7 +113,9 @@ def finish_student(
         summary.update(regression)
     if section.eval_prompts and vae_uri:
         evaluate = after_training(evaluate_student, section)
-        evaluated = ray.get(evaluate.remote(model_uri, vae_uri, preset_name, section, ctx.config.teacher.seed))
+        evaluated = ray.get(
+            evaluate.remote(model_uri, vae_uri, preset_name, section, ctx.config.teacher.seed, ctx.config.model.text_path)
+        )
         summary.update(sampling.publish_alignment(ctx, evaluated))
         summary.update(teacher_alignment_on(ctx.inputs["teacher"], evaluated["scores"]["prompts"], ctx.config.teacher.seed))
     return summary

@@ -60,3 +60,14 @@ def test_cli_reports_config_errors_in_one_line(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err.strip()
     assert err.startswith("causvid: error: unknown config key 'dmd.lrr'")
     assert len(err.splitlines()) == 1
+
+
+def test_the_wan_cluster_config_loads_and_evaluates_only_what_it_names() -> None:
+    from pipelines.workflow import STAGES
+
+    config = load_config(REPO / "configs" / "wan1.3b.yaml")
+    assert config.model.preset == "wan2.1-t2v-1.3b" and config.teacher.source and config.vae.source
+    assert (config.dmd.zero_stage, config.dmd.num_workers, config.dmd.use_gpu, config.dmd.precision) == (3, 8, True, "bf16")
+    assert config.evaluate.prompts_file and not config.evaluate.applications
+    assert STAGES["evaluate"].inputs(config) == ("vae", "teacher", "ode_init", "dmd")
+    assert STAGES["evaluate"].inputs(load_config(None)) == ("vae", "teacher", "causal_teacher", "ode_init", "dmd")

@@ -80,3 +80,26 @@ def test_missing_local_files_are_clear_errors(tmp_path: Path) -> None:
         build_text_encoder("t5")
     with pytest.raises(ValueError, match="unknown text encoder"):
         build_text_encoder("bert-large")
+
+
+def test_umt5_from_a_pipeline_folder_embeds_as_wans_pipeline(tmp_path: Path, minilm: MiniLMTextEncoder) -> None:
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    cfg = transformers.UMT5Config(
+        vocab_size=minilm.tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4
+    )
+    torch.manual_seed(0)
+    umt5 = transformers.UMT5EncoderModel(cfg).eval()
+    umt5.save_pretrained(tmp_path / "text_encoder")
+    minilm.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    pipeline = diffusers.WanPipeline(
+        tokenizer=minilm.tokenizer, text_encoder=umt5, transformer=None, vae=None,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+    )
+    captions = ["a red  circle &amp; a\tblue square", ""]
+    encoder = build_text_encoder("umt5", path=tmp_path, max_length=40)
+    emb, mask = encoder.encode(captions)
+    with torch.no_grad():
+        expected = pipeline._get_t5_prompt_embeds(captions, max_sequence_length=40, device=torch.device("cpu"))
+    assert emb.shape == (2, 40, 32) and mask[1].sum() == 2  # the empty prompt is [CLS] [SEP] here, then padding
+    assert (emb - expected).abs().max().item() < 1e-6

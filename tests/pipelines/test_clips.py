@@ -136,16 +136,93 @@ def test_manifest_formats(ray_local, footage: Path, tmp_path: Path) -> None:
 
 
 def test_clip_geometry() -> None:
-    np.testing.assert_array_equal(clips.resampled_indices(10, 25.0, 12.0), [0, 2, 4, 6])
-    np.testing.assert_array_equal(clips.resampled_indices(6, 10.0, 20.0), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    np.testing.assert_array_equal(clips.resampled_indices(np.arange(10) / 25.0, 10 / 25.0, 12.0), [0, 2, 4, 6])
+    np.testing.assert_array_equal(
+        clips.resampled_indices(np.arange(6) / 10.0, 0.6, 20.0), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    )
+    variable = np.array([0.0, 0.04, 0.08, 0.2, 0.4, 0.5, 0.52])  # frames bunched, then sparse
+    np.testing.assert_array_equal(clips.resampled_indices(variable, 0.6, 10.0), [0, 2, 3, 3, 4, 5])
     assert clips.clip_starts(48, 17, 16) == [0, 16]
     assert clips.clip_starts(16, 17, 16) == []
-    assert clips.decode_size(160, 120, 64) == (85, 64)
-    assert clips.decode_size(90, 200, 64) == (64, 142)
+    assert clips.decode_size(160, 120, 64, 64) == (85, 64)
+    assert clips.decode_size(90, 200, 64, 64) == (64, 142)
+    assert clips.decode_size(1920, 1080, 480, 832) == (853, 480)
+    assert clips.decode_size(1080, 1920, 480, 832) == (832, 1479)
     frames = np.arange(2 * 5 * 7 * 3, dtype=np.uint8).reshape(2, 5, 7, 3)
-    np.testing.assert_array_equal(clips.center_crop(frames, 3), frames[:, 1:4, 2:5])
+    np.testing.assert_array_equal(clips.center_crop(frames, 3, 3), frames[:, 1:4, 2:5])
+    np.testing.assert_array_equal(clips.center_crop(frames, 2, 6), frames[:, 1:3, 0:6])
 
 
 def test_odd_clip_length_is_refused(footage: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="1 \\+ 4n"):
         clips.run(clips_context(tmp_path, str(footage / "manifest.csv"), **{"clips.clip_frames": 16}))
+
+
+# name -> (lavfi source, encoder arguments): H.264 and VP9, landscape and portrait, 25 and 30 fps, one of
+# variable frame rate (30 fps for the first second, 10 fps after it)
+SHAPED_FOOTAGE = {
+    "landscape.mp4": ("testsrc2=size=640x360:rate=25", ["-c:v", "libx264", "-pix_fmt", "yuv420p"]),
+    "portrait.webm": ("testsrc2=size=360x480:rate=30", ["-c:v", "libvpx-vp9", "-b:v", "400k"]),
+    "variable.mp4": (
+        "testsrc2=size=480x270:rate=30,select='lt(t\\,1)+not(mod(n\\,3))'",
+        ["-fps_mode", "vfr", "-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def shaped_footage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.pipelines.conftest import ffmpeg
+
+    folder = tmp_path_factory.mktemp("shaped")
+    for name, (source, args) in SHAPED_FOOTAGE.items():
+        ffmpeg(source, 3.0, args, folder / name)
+    (folder / "manifest.csv").write_text("uri,caption\n" + "".join(f"{n},footage {n}\n" for n in SHAPED_FOOTAGE))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def umt5_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random UMT5 encoder with a tokenizer, laid out as a diffusers pipeline folder."""
+    import torch
+    import transformers
+
+    from model.text import MiniLMTextEncoder
+
+    folder = tmp_path_factory.mktemp("umt5")
+    tokenizer = MiniLMTextEncoder().tokenizer
+    cfg = transformers.UMT5Config(vocab_size=tokenizer.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+    torch.manual_seed(0)
+    transformers.UMT5EncoderModel(cfg).save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "preset,settings,height,width,fps",
+    [("wan2.1-t2v-1.3b", {"clips.crf": 18}, 480, 832, 16), ("tiny", {}, 64, 64, 12)],
+)
+def test_real_footage_curates_to_the_presets_shape(
+    ray_local, shaped_footage: Path, umt5_folder: Path, tmp_path: Path, preset: str, settings: dict,
+    height: int, width: int, fps: int,
+) -> None:
+    ctx = clips_context(
+        tmp_path, str(shaped_footage / "manifest.csv"),
+        **{"model.preset": preset, "model.text_path": str(umt5_folder), "clips.clip_frames": 17, "clips.stride_frames": 16,
+           **settings},
+    )
+    result = clips.run(ctx)
+    storage.write_manifest(ctx.output_uri, {"counts": result["counts"]})
+    rows = clips.read_clips(ctx.output_uri).take_all()
+    assert result["counts"]["accepted"] == 3 and result["counts"]["rejected"] == 0
+    assert {Path(r["uri"]).name: r["codec"] for r in rows} == {
+        "landscape.mp4": "h264", "portrait.webm": "vp9", "variable.mp4": "h264"
+    }
+    for row in rows:
+        assert (row["height"], row["width"], row["fps"], row["num_frames"]) == (height, width, fps, 17)
+        frames = clips.decode_clips({k: [row[k]] for k in row})["frames"][0]
+        assert frames.shape == (17, height, width, 3) and frames.std() > 10
+        assert len(row["frames"]) < frames.nbytes / (20 if row["height"] == 480 else 2)
+    variable = sorted((r for r in rows if r["uri"].endswith("variable.mp4")), key=lambda r: r["start_frame"])
+    assert [r["start_frame"] for r in variable] == [0, 16]
+    assert variable[1]["start_time"] == pytest.approx(16 / fps, abs=1 / 10)

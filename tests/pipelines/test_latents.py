@@ -16,6 +16,7 @@ from model.weights import MODEL_FILE, load_model, save_model
 from pipelines import latents
 from pipelines.clips import CLIP_SCHEMA
 from pipelines.shapes_world import render, sample_clip
+from pipelines.video import encode_clip
 from pipelines.workflow import StageContext
 
 FRAMES = 5
@@ -38,7 +39,7 @@ def clip_row(index: int) -> dict:
         "num_frames": FRAMES,
         "height": 64,
         "width": 64,
-        "frames": frames.tobytes(),
+        "frames": encode_clip(frames, 12),
         "motion_score": 0.1,
         "text_emb": emb.tobytes(),
         "text_mask": np.asarray([1, 1, 0, 0], np.uint8).tobytes(),
@@ -80,7 +81,7 @@ def test_latents_stage_encodes_every_clip_and_resumes(ray_local, make_config, tm
     assert arrays["text_mask"].tolist() == [[True, True, False, False]] * 6
     assert np.all(arrays["text_emb"][:, :2, 0] == np.arange(1, 7)[:, None])
 
-    frames = np.stack([np.frombuffer(r["frames"], np.uint8).reshape(FRAMES, 64, 64, 3) for r in expected_rows])
+    frames = np.stack([render(sample_clip(3, i), size=64, fps=12, seconds=FRAMES / 12) for i in range(6)])
     direct = latents.encode_frames(load_model(storage.join(inputs["vae"], MODEL_FILE)), frames)
     np.testing.assert_allclose(arrays["latents"], direct, rtol=1e-4, atol=1e-5)
 
@@ -100,7 +101,7 @@ def test_vae_latent_stats_whiten_the_encoded_training_clips(inputs: dict[str, st
     assert stats["clips"] == 4 and len(stats["latent_std"]) == 8
     vae = load_model(model_uri)
     assert torch.allclose(vae.latent_std, torch.tensor(stats["latent_std"], dtype=torch.float32))
-    frames = np.stack([np.frombuffer(clip_row(i)["frames"], np.uint8).reshape(FRAMES, 64, 64, 3) for i in range(4)])
+    frames = np.stack([render(sample_clip(3, i), size=64, fps=12, seconds=FRAMES / 12) for i in range(4)])
     per_channel = torch.from_numpy(latents.encode_frames(vae, frames)).transpose(0, 2).reshape(8, -1)
     np.testing.assert_allclose(per_channel.mean(dim=1), 0.0, atol=1e-4)
     np.testing.assert_allclose(per_channel.std(dim=1), 1.0, atol=1e-3)

@@ -7,6 +7,7 @@ import ray
 
 from infra import storage
 from infra.config import load_config
+from model.presets import get_preset
 from pipelines import clips, synthetic
 from pipelines.oracle import describe
 from pipelines.shapes_world import sample_clip
@@ -90,7 +91,7 @@ def test_s3_round_trip(ray_local, s3_bucket: str) -> None:
     clips.curate_group(
         {"group": np.array([0]), "videos": np.array([json.dumps(videos)], dtype=object)},
         output_uri=f"{root}/clips",
-        rules=clips.Rules.from_config(config.clips).__dict__,
+        rules=clips.Rules.from_config(config.clips, get_preset(config.model.preset)).__dict__,
         text=[ray.put(text)],
     )
     marker = storage.read_json(clips.group_marker(f"{root}/clips", 0))
