@@ -158,10 +158,15 @@ def eval_settings(section: TeacherConfig, preset_name: str) -> tuple[int, float,
 
 
 def evaluate_alignment(
-    model_uri: str, vae_uri: str, preset_name: str, section: TeacherConfig, mode: str | None = None
+    model_uri: str,
+    vae_uri: str,
+    preset_name: str,
+    section: TeacherConfig,
+    mode: str | None = None,
+    text_path: str | None = None,
 ) -> dict[str, Any]:
     """Oracle text alignment of CFG samples for `section.eval_prompts` held-out prompts (the shapes world's)."""
-    prompts, (emb, mask) = sampling.heldout_text(preset_name, section.eval_prompts, section.seed)
+    prompts, (emb, mask) = sampling.heldout_text(preset_name, section.eval_prompts, section.seed, text_path)
     steps, scale, frames = eval_settings(section, preset_name)
     p = get_preset(preset_name)
     videos = sampling.generate_videos(
@@ -185,8 +190,9 @@ def train_teacher(ctx: StageContext, section: TeacherConfig, mode: str, init_uri
     latents_uri = ctx.inputs["latents"]
     vae_uri = vae_of(latents_uri)
     steps, scale, frames = eval_settings(section, preset_name)
-    _, sample_text = sampling.heldout_text(preset_name, SAMPLE_PROMPTS, section.seed)
-    curve_prompts, curve_text = sampling.heldout_text(preset_name, section.curve_prompts, section.seed)
+    text_path = ctx.config.model.text_path
+    _, sample_text = sampling.heldout_text(preset_name, SAMPLE_PROMPTS, section.seed, text_path)
+    curve_prompts, curve_text = sampling.heldout_text(preset_name, section.curve_prompts, section.seed, text_path)
     task = TeacherTask(
         preset=preset_name,
         mode=mode,
@@ -211,6 +217,6 @@ def train_teacher(ctx: StageContext, section: TeacherConfig, mode: str, init_uri
     summary.update({f"final_{k}": v for k, v in result.metrics.items() if k in ("loss", "samples_per_s", "peak_mem_mb")})
     if section.eval_prompts:
         evaluate = after_training(evaluate_alignment, section)
-        evaluated = ray.get(evaluate.remote(result.model_uri, vae_uri, preset_name, section, mode))
+        evaluated = ray.get(evaluate.remote(result.model_uri, vae_uri, preset_name, section, mode, text_path))
         summary.update(sampling.publish_alignment(ctx, evaluated))
     return {"counts": {"steps": result.steps}, "summary": summary}
