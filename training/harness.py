@@ -173,15 +173,17 @@ class FitResult:
 
 
 def after_training(fn: Callable[..., Any], section: TrainConfig) -> Any:
-    """``fn`` as a Ray task holding one training worker's resources, free once training ends: its CPUs (as torch
-    threads) and its GPU, so a stage's final evaluation runs as fast as a worker trained."""
+    """``fn`` as a Ray task holding the CPUs of every training worker (as torch threads) and one GPU: they are free
+    once training ends, so a stage's final evaluation runs on all that trained."""
     import ray
 
+    cpus = section.cpus_per_worker * section.num_workers
+
     def call(*args: Any, **kwargs: Any) -> Any:
-        torch.set_num_threads(section.cpus_per_worker)
+        torch.set_num_threads(cpus)
         return fn(*args, **kwargs)
 
-    return ray.remote(num_cpus=section.cpus_per_worker, num_gpus=1 if section.use_gpu else 0)(call)
+    return ray.remote(num_cpus=cpus, num_gpus=1 if section.use_gpu else 0)(call)
 
 
 def deepspeed_config(section: TrainConfig, spec: EngineSpec, world_size: int) -> dict[str, Any]:
