@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from infra.config import ConfigError, PipelineConfig, load_config
 from infra.errors import UserError
+from infra.redact import RedactingFilter, redact_text
 from infra.storage import IncompleteOutputError
 
 BENCHMARKS = {
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(sweep, "base YAML config of every row (default: the sweep file's `config`)")
     sweep.add_argument("--json", action="store_true", help="print the rows as JSON")
 
-    status = commands.add_parser("status", help="list stages as done / missing / stale with their output URIs")
+    status = commands.add_parser("status", help="list stages as done / partial / stale / missing with their output URIs")
     _config_args(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="NAME", help="also forward this environment variable to the job"
+    )
     submit.add_argument("args", nargs=argparse.REMAINDER, help="the causvid command to run, after --")
 
     report = commands.add_parser("report", help="print the latest evaluation's scores and drift ratios")
@@ -165,7 +169,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
-    marks = {"done": "done   ", "stale": "stale  ", "missing": "missing"}
+    marks = {"done": "done   ", "partial": "partial", "stale": "stale  ", "missing": "missing"}
     for row in rows:
         print(f"{row.name:15s} {marks[row.state]} {row.uri}  {row.detail}".rstrip())
     return 0
@@ -180,7 +184,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     forwarded = args.args[1:] if args.args[:1] == ["--"] else args.args
     if not forwarded:
         raise UserError("submit needs a command after --, e.g. causvid submit -- run --config configs/tiny.yaml")
-    return submit(address, forwarded, wait=not args.no_wait)
+    return submit(address, forwarded, wait=not args.no_wait, env=args.env)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -270,12 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     for noisy in ("alembic", "mlflow", "urllib3", "botocore", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, IncompleteOutputError, UserError, NotImplementedError) as err:
-        print(f"causvid: error: {err}", file=sys.stderr)
+        print(f"causvid: error: {redact_text(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -6,16 +6,32 @@ inside a Ray job on a cluster (`causvid submit`), which connects to that cluster
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray
 
 from infra.config import PipelineConfig
+from infra.redact import is_secret_name
 
-FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "CAUSVID_", "DS_ACCELERATOR")
+log = logging.getLogger("causvid")
+
+# Settings that are never secret; credentials come from the nodes themselves (instance roles, their environment).
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "DS_ACCELERATOR",
+)
+OWN_PREFIX = "CAUSVID_"
+EXTRA_ENV = "CAUSVID_FORWARD_ENV"
 QUIET_RAY_ENV = {
     "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "60",
     "RAY_DEDUP_LOGS": "1",
@@ -23,9 +39,19 @@ QUIET_RAY_ENV = {
 }
 
 
-def forwarded_env() -> dict[str, str]:
-    """Storage, tracking and accelerator settings that workers and jobs must see as the driver does."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+def forwarded_env(extra: Sequence[str] = ()) -> dict[str, str]:
+    """The settings workers and jobs must see as the driver does: the allowlist, our own non-secret
+    `CAUSVID_*` knobs, and the names a user asks for (`extra`, or `$CAUSVID_FORWARD_ENV`, comma-separated).
+
+    Ray writes a runtime env into its logs and shows a job's in the dashboard, so a secret-looking name is
+    forwarded only when asked for by name, and then with a warning that names it (never its value).
+    """
+    asked = [*extra, *filter(None, (n.strip() for n in os.environ.get(EXTRA_ENV, "").split(",")))]
+    names = [*FORWARDED_ENV, *(k for k in os.environ if k.startswith(OWN_PREFIX) and not is_secret_name(k)), *asked]
+    env = {name: os.environ[name] for name in dict.fromkeys(names) if name in os.environ}
+    for name in dict.fromkeys(asked):
+        if is_secret_name(name) and name in env:
+            log.warning("forwarding %s, which looks like a secret, into the Ray runtime env: Ray logs it", name)
     env.update({k: os.environ.get(k, v) for k, v in QUIET_RAY_ENV.items()})
     return env
 
@@ -54,11 +80,14 @@ def ensure_ray(config: PipelineConfig) -> None:
     )
 
 
-def submit(address: str, args: list[str], wait: bool = True, working_dir: str | Path = ".") -> int:
+def submit(
+    address: str, args: list[str], wait: bool = True, working_dir: str | Path = ".", env: Sequence[str] = ()
+) -> int:
     """Run `causvid ARGS` as a Ray job on the cluster at `address`, stream its logs, return its exit status.
 
     The job runs `python -m infra.cli` in the uploaded working directory, with the `python` of the
-    cluster's nodes, which has the project's dependencies installed (see ray_cluster.yaml).
+    cluster's nodes, which has the project's dependencies installed (see ray_cluster.yaml). Only
+    :func:`forwarded_env` (plus the names in `env`) reaches the job; credentials come from the nodes.
     """
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -66,7 +95,7 @@ def submit(address: str, args: list[str], wait: bool = True, working_dir: str | 
     entrypoint = "python -m infra.cli " + " ".join(shlex.quote(a) for a in args)
     job_id = client.submit_job(
         entrypoint=entrypoint,
-        runtime_env={"working_dir": str(working_dir), "env_vars": forwarded_env(), "excludes": EXCLUDES},
+        runtime_env={"working_dir": str(working_dir), "env_vars": forwarded_env(env), "excludes": EXCLUDES},
     )
     print(f"submitted job {job_id} to {address}: causvid {' '.join(args)}", flush=True)
     if not wait:

@@ -21,7 +21,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from infra.redact import redact
+
 MANIFEST = "_SUCCESS.json"
+STAGING_PREFIX = ".tmp-"
 
 
 class IncompleteOutputError(FileNotFoundError):
@@ -88,7 +91,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+    staging = target.parent / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{target.name}"
     try:
         with open(staging, "wb") as handle:
             handle.write(data)
@@ -142,6 +145,23 @@ def list_dirs(uri: str) -> list[str]:
     return sorted(prefix + info.path for info in infos if info.type == pafs.FileType.Directory)
 
 
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def sweep_staging(output_uri: str) -> int:
+    """Remove the staging files a killed writer left in a local output (S3 uploads leave none); returns how many."""
+    if is_s3(output_uri):
+        return 0
+    folder = Path(normalize(output_uri))
+    stale = [path for path in folder.rglob(f"{STAGING_PREFIX}*") if path.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def delete_tree(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
@@ -149,8 +169,8 @@ def delete_tree(uri: str) -> None:
 
 
 def write_manifest(output_uri: str, manifest: dict[str, Any]) -> None:
-    """Mark an output complete; called last, after every file of the output is in place."""
-    write_json(join(output_uri, MANIFEST), manifest)
+    """Mark an output complete; called last, after every file of the output is in place. Secrets never land in it."""
+    write_json(join(output_uri, MANIFEST), redact(manifest))
 
 
 def read_manifest(output_uri: str) -> dict[str, Any]:
@@ -166,6 +186,10 @@ def is_complete(output_uri: str) -> bool:
 
 
 def parquet_files(output_uri: str) -> list[str]:
-    """The Parquet shards of a complete output, for Ray Data or pyarrow readers."""
-    read_manifest(output_uri)
+    """The Parquet shards of a complete output, for Ray Data or pyarrow readers: exactly those its manifest
+    lists under `files` (a shard an interrupted attempt left behind is never read); an output written by
+    hand without that list gives the Parquet files in its folder."""
+    manifest = read_manifest(output_uri)
+    if "files" in manifest:
+        return [join(output_uri, name) for name in manifest["files"]]
     return list_files(output_uri, ".parquet")

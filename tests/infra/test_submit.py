@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,6 +113,19 @@ def test_submit_runs_a_stage_as_a_ray_job(ray_cluster: tuple[str, dict[str, str]
     run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(manifest["mlflow_run_id"])
     assert run.data.tags["causvid.stage"] == "synthetic"
     assert run.data.params["synthetic.num_videos"] == "4"
+    [runtime_env] = _job_runtime_envs(url, env)
+    assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL"]
+    assert env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(runtime_env), "credentials come from the nodes"
+
+
+def _job_runtime_envs(url: str, env: dict[str, str]) -> list[dict]:
+    """The runtime env of every job, as the Jobs API shows it (from a process with the cluster's token mode)."""
+    script = (
+        "import json, sys; from ray.job_submission import JobSubmissionClient; "
+        "print(json.dumps([job.runtime_env for job in JobSubmissionClient(sys.argv[1]).list_jobs()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", script, url], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_submit_reports_a_failed_job(ray_cluster: tuple[str, dict[str, str]]) -> None:
