@@ -307,10 +307,22 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.rows:
             return
-        name = f"clips-g{self.group:05d}-{len(self.shards):03d}.parquet"
+        name = shard_name(self.group, len(self.shards))
         storage.write_parquet(storage.join(self.output_uri, name), pa.Table.from_pylist(self.rows, schema=CLIP_SCHEMA))
         self.shards.append(name)
         self.rows = []
+
+
+def shard_name(group: int, number: int) -> str:
+    return f"clips-g{group:05d}-{number:03d}.parquet"
+
+
+def remove_group_shards(output_uri: str, group: int) -> None:
+    """Shards an interrupted attempt at this group wrote before it died; the re-run writes its own."""
+    prefix = shard_name(group, 0)[: -len("000.parquet")]
+    for uri in storage.list_files(output_uri, ".parquet"):
+        if posixpath.basename(uri).startswith(prefix):
+            storage.delete_file(uri)
 
 
 def group_marker(output_uri: str, group: int) -> str:
@@ -329,6 +341,7 @@ def curate_group(
     row_of_caption = {caption: i for i, caption in enumerate(captions)}
     markers = []
     for group, videos_json in zip(batch["group"].tolist(), batch["videos"].tolist()):
+        remove_group_shards(output_uri, group)
         writer = ShardWriter(output_uri, group, rule.rows_per_shard)
         counts: Counter[str] = Counter()
         rejected = []
@@ -475,6 +488,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     groups: dict[int, list[dict[str, Any]]] = {}
     for video in videos:
         groups.setdefault(video["index"] // cfg.videos_per_task, []).append(video)
+    ctx.track_progress("groups", [posixpath.join(GROUPS_DIR, f"{g:05d}.json") for g in sorted(groups)])
     pending = {g: vs for g, vs in groups.items() if not ctx.done(GROUPS_DIR, f"{g:05d}.json")}
     seconds = {"embed": 0.0, "curate": 0.0}
     if pending:
@@ -518,7 +532,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "seconds_embed": round(seconds["embed"], 3),
         "seconds_curate": round(seconds["curate"], 3),
     }
-    return {"counts": counts, "summary": summary}
+    return {"counts": counts, "summary": summary, "files": [name for marker in markers for name in marker["shards"]]}
 
 
 def read_clips(uri: str) -> ray.data.Dataset:

@@ -27,6 +27,7 @@ from infra.config import ConfigError, PipelineConfig, section_dump
 log = logging.getLogger("causvid")
 
 SOURCE_PACKAGES = ("model", "pipelines", "training", "evaluation")
+PROGRESS = "_progress.json"
 PLUMBING = ("pipelines.workflow",)
 
 
@@ -59,6 +60,11 @@ class StageContext:
     def done(self, *parts: str) -> bool:
         """Whether a file of this output is already in place (a finished shard of an interrupted run)."""
         return storage.exists(self.output(*parts))
+
+    def track_progress(self, unit: str, files: list[str]) -> None:
+        """Declare the files whose presence marks each finished unit (a group, a shard), so that `causvid status`
+        can tell how far an interrupted run got."""
+        storage.write_json(self.output(PROGRESS), {"unit": unit, "files": files})
 
 
 def _always(*names: str) -> Callable[[PipelineConfig], tuple[str, ...]]:
@@ -224,7 +230,8 @@ class StageState:
 
 
 def status(config: PipelineConfig) -> list[StageState]:
-    """done: complete at the current fingerprint; stale: only other fingerprints complete; missing: none."""
+    """done: complete at the current fingerprint; partial: an interrupted run's progress there; stale: only other
+    fingerprints complete; missing: none."""
     the_plan = plan(config)
     rows = []
     for name in STAGES:
@@ -232,10 +239,24 @@ def status(config: PipelineConfig) -> list[StageState]:
         if storage.is_complete(uri):
             rows.append(StageState(name, "done", uri, json.dumps(storage.read_manifest(uri).get("counts", {}))))
             continue
+        progress = partial_progress(uri)
+        if progress:
+            rows.append(StageState(name, "partial", uri, progress))
+            continue
         others = [d for d in storage.list_dirs(storage.join(the_plan.root, name)) if storage.is_complete(d)]
         state = "stale" if others else "missing"
         rows.append(StageState(name, state, uri, f"{len(others)} older output(s)" if others else ""))
     return rows
+
+
+def partial_progress(output_uri: str) -> str:
+    """`partial: 3 of 6 groups` for an output an interrupted run left, from its declared progress; else ''."""
+    progress_uri = storage.join(output_uri, PROGRESS)
+    if not storage.exists(progress_uri):
+        return ""
+    progress = storage.read_json(progress_uri)
+    done = sum(storage.exists(storage.join(output_uri, name)) for name in progress["files"])
+    return f"partial: {done} of {len(progress['files'])} {progress['unit']}"
 
 
 def vae_of(output_uri: str) -> str | None:
@@ -291,6 +312,7 @@ def run_stages(
     force = set(force)
     for name in force:
         _check_stage(name)
+    storage.apply_settings(config.storage)
     the_plan = plan(config)
     outputs: dict[str, str] = {}
     with tracking.workflow_run(config, parent_run_name, {"stages": ",".join(stages)}) as parent_id:
@@ -307,6 +329,9 @@ def _run_one(config: PipelineConfig, the_plan: Plan, name: str, force: bool, par
         return uri
     if force:
         storage.delete_tree(uri)
+    swept = storage.sweep_staging(uri)
+    if swept:
+        log.info("%-15s removed %d staging file(s) of an interrupted run", name, swept)
     inputs = {dep: the_plan.output_uri(dep) for dep in stage.inputs(config)}
     for dep, dep_uri in inputs.items():
         if not storage.is_complete(dep_uri):
@@ -327,6 +352,7 @@ def _run_one(config: PipelineConfig, the_plan: Plan, name: str, force: bool, par
             "inputs": inputs,
             "config": section_dump(section),
             "counts": result.get("counts", {}),
+            **({"files": result["files"]} if "files" in result else {}),
             "summary": result.get("summary", {}),
             "mlflow_run_id": run_id,
             "seconds": round(seconds, 2),
