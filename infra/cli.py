@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from infra.config import ConfigError, PipelineConfig, load_config
 from infra.errors import UserError
+from infra.preflight import check_manifest, preflight
 from infra.redact import RedactingFilter, redact_text
 from infra.storage import IncompleteOutputError
 
@@ -136,6 +137,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     stages = select_stages(config, start=args.start, until=args.until)
+    preflight(config, stages)
     ensure_ray(config)
     outputs = run_stages(config, stages, force=args.force, parent_run_name="run")
     for name, uri in outputs.items():
@@ -148,6 +150,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from pipelines.workflow import run_stages
 
     config = _load(args)
+    preflight(config, [args.name])
     ensure_ray(config)
     outputs = run_stages(config, [args.name], force=[args.name] if args.force else [], parent_run_name=args.name)
     print(outputs[args.name])
@@ -165,7 +168,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipelines.workflow import status
 
-    rows = status(_load(args))
+    config = _load(args)
+    if config.clips.manifest:
+        check_manifest(config.clips.manifest)
+    rows = status(config)
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0

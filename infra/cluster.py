@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ray
 
+from infra import storage
 from infra.config import PipelineConfig
 from infra.redact import is_secret_name
 
@@ -62,6 +63,7 @@ def ensure_ray(config: PipelineConfig) -> None:
     A job submitted with `causvid submit` already carries the forwarded environment in its runtime
     env; a local Ray gets it here, so its workers see the same storage and tracking settings.
     """
+    storage.apply_settings(config.storage)
     if ray.is_initialized():
         return
     for key, value in QUIET_RAY_ENV.items():

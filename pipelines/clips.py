@@ -44,6 +44,7 @@ import math
 import os
 import posixpath
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -57,9 +58,12 @@ import ray
 
 from infra import storage
 from infra.config import ClipsConfig
+from infra.preflight import check_manifest
 from pipelines.workflow import StageContext
 
 REJECT_REASONS = (
+    "unsupported_scheme",
+    "empty_caption",
     "missing",
     "empty",
     "unreadable",
@@ -73,7 +77,10 @@ REJECT_REASONS = (
     "error",
 )
 CLIP_DROP_REASONS = ("blank", "static")
+SUPPORTED_SCHEMES = ("", "file", "s3")
+READ_RETRIES = 3
 TRUNCATED_FRACTION = 0.75
+TRUNCATED_SLACK_FRAMES = 2  # a file that fails to decode and ends this many frames short of its header is cut
 DECODE_CHUNK = 64
 REJECTED_URI = ("rejected", "rejected.parquet")
 GROUPS_DIR = "_groups"
@@ -112,6 +119,16 @@ REJECTED_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+
+
+class ReadFailed(OSError):
+    """A video that is there but could not be read (a storage outage): its group's task is retried, and a read that
+    keeps failing fails the stage; it is never counted as a rejection."""
+
+
+def retry_failed_reads() -> dict[str, Any]:
+    """Ray remote args of a curation task: a `ReadFailed` re-runs the task (its group), other errors do not."""
+    return {"max_retries": READ_RETRIES, "retry_exceptions": [ReadFailed]}
 
 
 class Rejected(Exception):
@@ -223,6 +240,30 @@ def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, 
         raise Rejected("too_small", f"{info.width}x{info.height} < {rules.min_side}")
     if 0 < info.duration < rules.min_seconds:
         raise Rejected("too_short", f"{info.duration:.2f} s declared < {rules.min_seconds} s")
+    try:
+        return _curate_decoded(data, info, rules)
+    except Rejected as rej:
+        if rej.reason != "decode_error" or info.duration <= 0:
+            raise
+        decodable = decodable_seconds(data)
+        if decodable < info.duration - TRUNCATED_SLACK_FRAMES / max(info.fps, 1.0):
+            raise Rejected("truncated", f"{decodable:.2f} s decodable of {info.duration:.2f} s declared") from None
+        raise
+
+
+def decodable_seconds(data: bytes) -> float:
+    """How far into a video PyAV decodes before the data ends or breaks (the timestamp of its last good frame)."""
+    seconds = 0.0
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                seconds = float(frame.time) if frame.time is not None else seconds
+    except Exception:  # the point where a cut file breaks is what we are measuring
+        pass
+    return seconds
+
+
+def _curate_decoded(data: bytes, info: Probe, rules: Rules) -> tuple[Probe, int, list[dict[str, Any]], Counter[str]]:
     width, height = decode_size(info.width, info.height, rules.size)
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=width, height=height)
@@ -348,8 +389,12 @@ def curate_group(
         for video in json.loads(videos_json):
             counts["videos_in"] += 1
             try:
+                if video.get("reject"):
+                    raise Rejected(video["reject"], video.get("reject_detail", ""))
                 data = _read_video(video["uri"])
                 info, num_source, clips, dropped = curate_video(data, rule)
+            except ReadFailed:
+                raise
             except Rejected as rej:
                 counts[f"rejected_{rej.reason}"] += 1
                 rejected.append({**_video_fields(video), "reason": rej.reason, "detail": rej.detail[:500]})
@@ -364,12 +409,17 @@ def curate_group(
                 counts[f"clips_dropped_{reason}"] += number
             k = row_of_caption[video["caption"]]
             emb, mask = text_emb[k], text_mask[k]
+            meta = json.loads(video["meta"])
+            if mask[-1]:
+                meta["caption_truncated"] = True
+                counts["captions_truncated"] += 1
             for number, clip in enumerate(clips):
                 frames = clip["frames"]
                 writer.add(
                     {
                         "clip_id": f"{video['index']:06d}-{number:04d}",
-                        **{key: video[key] for key in ("video_index", "uri", "caption", "meta")},
+                        **{key: video[key] for key in ("video_index", "uri", "caption")},
+                        "meta": json.dumps(meta, sort_keys=True),
                         "start_frame": clip["start_frame"],
                         "start_time": clip["start_time"],
                         "fps": float(rule.fps),
@@ -397,16 +447,22 @@ def curate_group(
 
 
 def _read_video(uri: str) -> bytes:
-    if not uri or not storage.exists(uri):
-        raise Rejected("missing", f"no object at {uri!r}")
+    """The bytes of a video; a local file that is not there is `missing`, an S3 read that fails is `ReadFailed`."""
     try:
-        return storage.read_bytes(uri)
+        present = bool(uri) and storage.exists(uri)
+        data = storage.read_bytes(uri) if present else b""
     except OSError as err:
-        raise Rejected("missing", f"{type(err).__name__}: {err}") from None
+        if storage.is_s3(uri):
+            raise ReadFailed(f"{uri}: {type(err).__name__}: {err}") from err
+        raise Rejected("unreadable", f"{type(err).__name__}: {err}") from None
+    if not present:
+        raise Rejected("missing", f"no object at {uri!r}")
+    return data
 
 
 def _video_fields(video: Mapping[str, Any]) -> dict[str, Any]:
-    return {"video_index": video["video_index"], "uri": video["uri"], "caption": video["caption"]}
+    """A rejected row keeps the URI as the user wrote it in the manifest."""
+    return {"video_index": video["video_index"], "uri": video["source_uri"], "caption": video["caption"]}
 
 
 class CaptionEncoder:
@@ -444,47 +500,68 @@ def embed_captions(captions: Sequence[str], kind: str, max_length: int) -> tuple
 def read_manifest(uri: str) -> list[dict[str, Any]]:
     """Rows of a CSV, JSONL or Parquet manifest with at least `uri, caption`, read by Ray Data.
 
-    Relative local paths are taken relative to the manifest's folder; other columns go to `meta` (JSON).
-    Each row gets `video_index` (its row number) and `index` (the same, for clip ids).
+    Video URIs may be `s3://...`, `file://...` or plain paths, relative ones taken relative to the manifest's
+    folder; a row with another scheme or an empty caption carries the reason it will be rejected for (`reject`).
+    Other columns go to `meta` (JSON). Each row gets `video_index` (its row number), `index` (the same, for clip
+    ids) and `source_uri` (the URI as written).
     """
+    check_manifest(uri)
     fs, path = storage.resolve(uri)
     lower = uri.lower()
     if lower.endswith(".parquet"):
         dataset = ray.data.read_parquet(path, filesystem=fs)
     elif lower.endswith(".csv"):
         dataset = ray.data.read_csv(path, filesystem=fs, file_extensions=None)
-    elif lower.endswith((".jsonl", ".json", ".ndjson")):
-        dataset = ray.data.read_json(path, filesystem=fs, file_extensions=None)
     else:
-        raise ValueError(f"manifest {uri}: expected a .csv, .jsonl or .parquet file")
+        dataset = ray.data.read_json(path, filesystem=fs, file_extensions=None)
     table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
-    missing = {"uri", "caption"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"manifest {uri} lacks column(s) {sorted(missing)}; it needs `uri` and `caption`")
     base = posixpath.dirname(uri) if storage.is_s3(uri) else os.path.dirname(storage.normalize(uri))
     rows = []
     for number, row in enumerate(table.to_pylist()):
-        video_uri = str(row.pop("uri") or "")
-        if video_uri and not storage.is_s3(video_uri) and not video_uri.startswith("/"):
-            video_uri = storage.join(base, video_uri)
+        source_uri = str(row.pop("uri") or "")
         caption = row.pop("caption")
         caption = "" if caption is None else str(caption)
-        meta = json.dumps(row, sort_keys=True, default=str)
-        rows.append({"index": number, "video_index": number, "uri": video_uri, "caption": caption, "meta": meta})
+        entry = {"index": number, "video_index": number, "source_uri": source_uri, "caption": caption}
+        entry["uri"], entry["reject"], entry["reject_detail"] = _video_uri(source_uri, base)
+        if not entry["reject"] and not caption.strip():
+            entry["reject"], entry["reject_detail"] = "empty_caption", "the manifest's caption is empty"
+        rows.append({**entry, "meta": json.dumps(row, sort_keys=True, default=str)})
     return rows
+
+
+def _video_uri(source_uri: str, base: str) -> tuple[str, str, str]:
+    """(URI to read, rejection reason or '', detail) of a manifest's video URI."""
+    kind = storage.scheme(source_uri)
+    if kind not in SUPPORTED_SCHEMES:
+        return source_uri, "unsupported_scheme", f"scheme {kind!r}: use s3://, file:// or a path"
+    if kind == "s3":
+        return source_uri, "", ""
+    path = urllib.parse.unquote(urllib.parse.urlparse(source_uri).path) if kind == "file" else source_uri
+    return (storage.join(base, path) if path and not os.path.isabs(path) else path), "", ""
+
+
+def drop_duplicates(videos: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The first row of each (video, caption) pair, and how many repeats were dropped."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for video in videos:
+        key = (video["uri"], video["caption"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(video)
+    return kept, len(videos) - len(kept)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg: ClipsConfig = ctx.config.clips
-    if cfg.clip_frames % 4 != 1:
-        raise ValueError(f"clips.clip_frames must be 1 + 4n (got {cfg.clip_frames}), so the VAE maps it to 1 + n latents")
     if cfg.manifest:
         manifest = cfg.manifest
     else:
         from pipelines.synthetic import manifest_uri
 
         manifest = manifest_uri(ctx.inputs["synthetic"])
-    videos = read_manifest(manifest)
+    listed = read_manifest(manifest)
+    videos, duplicates = drop_duplicates(listed)
     groups: dict[int, list[dict[str, Any]]] = {}
     for video in videos:
         groups.setdefault(video["index"] // cfg.videos_per_task, []).append(video)
@@ -504,6 +581,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             batch_size=1,
             batch_format="numpy",
             fn_kwargs={"output_uri": ctx.output_uri, "rules": asdict(Rules.from_config(cfg)), "text": [text]},
+            ray_remote_args_fn=retry_failed_reads,
         )
         tasks.materialize()
         seconds["curate"] = time.perf_counter() - started - seconds["embed"]
@@ -514,11 +592,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for marker in markers:
         totals.update(marker["counts"])
     counts = {
-        "videos_in": len(videos),
+        "videos_in": len(listed),
+        "duplicates": duplicates,
         "accepted": totals["accepted"],
         "rejected": len(rejected),
         **{f"rejected_{reason}": totals[f"rejected_{reason}"] for reason in REJECT_REASONS},
         "clips_out": totals["clips_out"],
+        "captions_truncated": totals["captions_truncated"],
         **{f"clips_dropped_{reason}": totals[f"clips_dropped_{reason}"] for reason in CLIP_DROP_REASONS},
         "shards": sum(len(m["shards"]) for m in markers),
         "source_frames": totals["source_frames"],
