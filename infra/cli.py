@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from infra.config import ConfigError, PipelineConfig, load_config
+from infra.config import EMBEDDED_DEFAULT, ConfigError, PipelineConfig, load_config
 from infra.errors import UserError
 from infra.preflight import check_manifest, preflight
 from infra.redact import RedactingFilter, redact_text
@@ -25,7 +25,7 @@ BENCHMARKS = {
 
 
 def _config_args(
-    parser: argparse.ArgumentParser, config_help: str = "YAML config (default: built-in defaults = configs/tiny.yaml)"
+    parser: argparse.ArgumentParser, config_help: str = "YAML config (default: configs/tiny.yaml, the embedded default)"
 ) -> None:
     parser.add_argument("--config", "-c", help=config_help)
     parser.add_argument(
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--vae", help="VAE model.pt (default: the one in the checkpoint's manifests)")
     generate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    generate.add_argument("--config", "-c", help="YAML config, to find MLflow run ids (default: built-in defaults)")
+    generate.add_argument("--config", "-c", help="YAML config, to find MLflow run ids (default: configs/tiny.yaml)")
     generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
 
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
@@ -128,7 +128,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.config, _overrides(args))
+    """The command's config: `--config`, else the embedded default's file, so every command sees the demo's outputs."""
+    return load_config(args.config or EMBEDDED_DEFAULT, _overrides(args))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

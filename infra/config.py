@@ -14,6 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
+EMBEDDED_DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+"""The config of every command run without `--config`: the embedded default's values live in this one file, and the
+field defaults below only fill in the keys it leaves out."""
+
+
 class ConfigError(ValueError):
     """A user mistake in a config file or override; its message is one line that says how to fix it."""
 

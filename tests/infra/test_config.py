@@ -1,9 +1,11 @@
+import json
 from pathlib import Path
 
 import pytest
 
 from infra.cli import main
 from infra.config import ConfigError, PipelineConfig, load_config
+from pipelines.workflow import plan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,3 +62,16 @@ def test_cli_reports_config_errors_in_one_line(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err.strip()
     assert err.startswith("causvid: error: unknown config key 'dmd.lrr'")
     assert len(err.splitlines()) == 1
+
+
+def test_commands_without_a_config_see_the_demo_s_outputs(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = ["--set", f"storage.root={tmp_path / 'root'}", "--set", "synthetic.num_videos=2", "--set", "synthetic.seconds=1"]
+    assert main(["--quiet", "stage", "synthetic", "--config", str(REPO / "configs" / "tiny.yaml"), *small]) == 0
+    capsys.readouterr()
+    assert main(["status", "--json", *small]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["synthetic"]["state"] == "done" and rows["clips"]["state"] == "missing"
+    demo = plan(load_config(REPO / "configs" / "tiny.yaml", small[1::2]))
+    assert {name: row["uri"] for name, row in rows.items()} == {name: demo.output_uri(name) for name in rows}
