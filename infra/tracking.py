@@ -163,6 +163,7 @@ def log_stage_result(manifest: Mapping[str, Any]) -> None:
     numbers["stage_seconds"] = float(manifest["seconds"])
     mlflow.log_metrics(numbers)
     mlflow.set_tag("causvid.fingerprint", manifest["fingerprint"])
+    mlflow.set_tags({f"causvid.code.{key}": str(value) for key, value in manifest.get("code", {}).items()})
     mlflow.log_dict(redact(dict(manifest)), "manifest.json")
     output = mlflow.get_run(mlflow.active_run().info.run_id).data.tags["causvid.output"]
     log_dataset(output, manifest["stage"], context="output", fingerprint=manifest["fingerprint"])

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import logging
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -124,7 +125,8 @@ STAGES: dict[str, Stage] = {
 
 @lru_cache(maxsize=None)
 def code_version(module: str) -> str:
-    """Hash of the sources a stage runs: its entry module and every project module it imports, transitively.
+    """Hash of the code a stage runs: its entry module and every project module it imports, transitively, each
+    as its syntax tree without docstrings, so editing a comment, a docstring or the layout retrains nothing.
 
     Plumbing (`infra`, this workflow) moves data without changing it and is left out, so editing the CLI or the
     storage layer retrains nothing; config changes are caught by the section hash. Taken once per process.
@@ -133,8 +135,45 @@ def code_version(module: str) -> str:
     digest = hashlib.sha256()
     for name in sorted(project_imports(module)):
         digest.update(name.encode())
-        digest.update(_module_file(top, name).read_bytes())
+        digest.update(code_of(_module_file(top, name).read_text()).encode())
     return digest.hexdigest()[:12]
+
+
+def code_of(source: str) -> str:
+    """What a module does, as text: its syntax tree with docstrings dropped (comments and layout never reach it)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+@lru_cache(maxsize=1)
+def code_revision() -> dict[str, Any]:
+    """The exact code that ran, for manifests and MLflow: the git commit (and whether the tree had changes) where
+    there is a checkout, and always the SHA-256 of every project source file (a submitted job has no `.git`)."""
+    top = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for package in (*SOURCE_PACKAGES, "infra") for p in (top / package).rglob("*.py")):
+        digest.update(str(path.relative_to(top)).encode())
+        digest.update(path.read_bytes())
+    revision: dict[str, Any] = {"source_sha256": digest.hexdigest()}
+    git = ["git", "-C", str(top)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return revision
+    if commit.returncode == 0:
+        revision.update(git_commit=commit.stdout.strip(), git_dirty=bool(changes.stdout.strip()))
+    return revision
 
 
 def project_imports(module: str) -> set[str]:
@@ -355,6 +394,7 @@ def _run_one(config: PipelineConfig, the_plan: Plan, name: str, force: bool, par
             **({"files": result["files"]} if "files" in result else {}),
             "summary": result.get("summary", {}),
             "mlflow_run_id": run_id,
+            "code": code_revision(),
             "seconds": round(seconds, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
