@@ -6,11 +6,12 @@ inside a Ray job on a cluster (`causvid submit`), which connects to that cluster
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import ray
@@ -72,6 +73,29 @@ def ensure_ray(config: PipelineConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    with _loopback_only():
+        _init_local(config)
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """A local Ray whose every server (GCS, raylet, workers, agents, dashboard) listens on 127.0.0.1 only.
+
+    Ray puts a single-node instance on loopback when it is told that this node takes no part in a cluster, the
+    switch it reads from `ray_constants.ENABLE_RAY_CLUSTER` while choosing the node's address; it is held off
+    only while the local Ray starts, so a later `ray start` or cluster connection from this process is unaffected.
+    """
+    from ray._private import ray_constants
+
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
+def _init_local(config: PipelineConfig) -> None:
     ray.init(
         num_cpus=config.ray.num_cpus,
         include_dashboard=config.ray.dashboard,
