@@ -79,6 +79,7 @@ REJECT_REASONS = (
 CLIP_DROP_REASONS = ("blank", "static")
 SUPPORTED_SCHEMES = ("", "file", "s3")
 READ_RETRIES = 3
+READ_RETRY_PAUSE_S = 2.0
 TRUNCATED_FRACTION = 0.75
 TRUNCATED_SLACK_FRAMES = 2  # a file that fails to decode and ends this many frames short of its header is cut
 DECODE_CHUNK = 64
@@ -124,11 +125,6 @@ REJECTED_SCHEMA = pa.schema(
 class ReadFailed(OSError):
     """A video that is there but could not be read (a storage outage): its group's task is retried, and a read that
     keeps failing fails the stage; it is never counted as a rejection."""
-
-
-def retry_failed_reads() -> dict[str, Any]:
-    """Ray remote args of a curation task: a `ReadFailed` re-runs the task (its group), other errors do not."""
-    return {"max_retries": READ_RETRIES, "retry_exceptions": [ReadFailed]}
 
 
 class Rejected(Exception):
@@ -375,75 +371,99 @@ def curate_group(
 ) -> dict[str, np.ndarray]:
     """One Ray task: curate the videos of each group row, write its shards, then its marker.
 
-    `text` is `[ref]` to the object-store tuple (captions, emb [N, L, D] float32, mask [N, L] bool).
+    `text` is `[ref]` to the object-store tuple (captions, emb [N, L, D] float32, mask [N, L] bool). A group whose
+    video read fails (`ReadFailed`, after the S3 client's own retries) is redone from scratch a few times, with a
+    growing pause, before the error fails the stage.
     """
     rule = Rules(**rules)
     captions, text_emb, text_mask = ray.get(text[0])
     row_of_caption = {caption: i for i, caption in enumerate(captions)}
     markers = []
     for group, videos_json in zip(batch["group"].tolist(), batch["videos"].tolist()):
-        remove_group_shards(output_uri, group)
-        writer = ShardWriter(output_uri, group, rule.rows_per_shard)
-        counts: Counter[str] = Counter()
-        rejected = []
-        for video in json.loads(videos_json):
-            counts["videos_in"] += 1
+        for attempt in range(READ_RETRIES + 1):
             try:
-                if video.get("reject"):
-                    raise Rejected(video["reject"], video.get("reject_detail", ""))
-                data = _read_video(video["uri"])
-                info, num_source, clips, dropped = curate_video(data, rule)
+                videos = json.loads(videos_json)
+                marker = _curate_one_group(output_uri, group, videos, rule, row_of_caption, text_emb, text_mask)
+                break
             except ReadFailed:
-                raise
-            except Rejected as rej:
-                counts[f"rejected_{rej.reason}"] += 1
-                rejected.append({**_video_fields(video), "reason": rej.reason, "detail": rej.detail[:500]})
-                continue
-            except Exception as err:  # a bug or an unforeseen input must not stop the other videos
-                counts["rejected_error"] += 1
-                rejected.append({**_video_fields(video), "reason": "error", "detail": f"{type(err).__name__}: {err}"[:500]})
-                continue
-            counts["accepted"] += 1
-            counts["source_frames"] += num_source
-            for reason, number in dropped.items():
-                counts[f"clips_dropped_{reason}"] += number
-            k = row_of_caption[video["caption"]]
-            emb, mask = text_emb[k], text_mask[k]
-            meta = json.loads(video["meta"])
-            if mask[-1]:
-                meta["caption_truncated"] = True
-                counts["captions_truncated"] += 1
-            for number, clip in enumerate(clips):
-                frames = clip["frames"]
-                writer.add(
-                    {
-                        "clip_id": f"{video['index']:06d}-{number:04d}",
-                        **{key: video[key] for key in ("video_index", "uri", "caption")},
-                        "meta": json.dumps(meta, sort_keys=True),
-                        "start_frame": clip["start_frame"],
-                        "start_time": clip["start_time"],
-                        "fps": float(rule.fps),
-                        "num_frames": frames.shape[0],
-                        "height": frames.shape[1],
-                        "width": frames.shape[2],
-                        "frames": frames.tobytes(),
-                        "motion_score": clip["motion_score"],
-                        "text_emb": np.ascontiguousarray(emb, dtype="<f4").tobytes(),
-                        "text_mask": np.asarray(mask, dtype=np.uint8).tobytes(),
-                        "text_len": emb.shape[0],
-                        "text_dim": emb.shape[1],
-                        "source_fps": info.fps,
-                        "source_width": info.width,
-                        "source_height": info.height,
-                        "codec": info.codec,
-                    }
-                )
-                counts["clips_out"] += 1
-        writer.flush()
-        marker = {"group": group, "shards": writer.shards, "counts": dict(counts), "rejected": rejected}
-        storage.write_json(group_marker(output_uri, group), marker)
+                if attempt == READ_RETRIES:
+                    raise
+                time.sleep(READ_RETRY_PAUSE_S * 2**attempt)
         markers.append(json.dumps(marker))
     return {"marker": np.asarray(markers, dtype=object)}
+
+
+def _curate_one_group(
+    output_uri: str,
+    group: int,
+    videos: list[dict[str, Any]],
+    rule: Rules,
+    row_of_caption: dict[str, int],
+    text_emb: np.ndarray,
+    text_mask: np.ndarray,
+) -> dict[str, Any]:
+    """Curate one group's videos, write its shards, then its marker (last); returns the marker."""
+    remove_group_shards(output_uri, group)
+    writer = ShardWriter(output_uri, group, rule.rows_per_shard)
+    counts: Counter[str] = Counter()
+    rejected = []
+    for video in videos:
+        counts["videos_in"] += 1
+        try:
+            if video.get("reject"):
+                raise Rejected(video["reject"], video.get("reject_detail", ""))
+            data = _read_video(video["uri"])
+            info, num_source, clips, dropped = curate_video(data, rule)
+        except ReadFailed:
+            raise
+        except Rejected as rej:
+            counts[f"rejected_{rej.reason}"] += 1
+            rejected.append({**_video_fields(video), "reason": rej.reason, "detail": rej.detail[:500]})
+            continue
+        except Exception as err:  # a bug or an unforeseen input must not stop the other videos
+            counts["rejected_error"] += 1
+            rejected.append({**_video_fields(video), "reason": "error", "detail": f"{type(err).__name__}: {err}"[:500]})
+            continue
+        counts["accepted"] += 1
+        counts["source_frames"] += num_source
+        for reason, number in dropped.items():
+            counts[f"clips_dropped_{reason}"] += number
+        k = row_of_caption[video["caption"]]
+        emb, mask = text_emb[k], text_mask[k]
+        meta = json.loads(video["meta"])
+        if mask[-1]:
+            meta["caption_truncated"] = True
+            counts["captions_truncated"] += 1
+        for number, clip in enumerate(clips):
+            frames = clip["frames"]
+            writer.add(
+                {
+                    "clip_id": f"{video['index']:06d}-{number:04d}",
+                    **{key: video[key] for key in ("video_index", "uri", "caption")},
+                    "meta": json.dumps(meta, sort_keys=True),
+                    "start_frame": clip["start_frame"],
+                    "start_time": clip["start_time"],
+                    "fps": float(rule.fps),
+                    "num_frames": frames.shape[0],
+                    "height": frames.shape[1],
+                    "width": frames.shape[2],
+                    "frames": frames.tobytes(),
+                    "motion_score": clip["motion_score"],
+                    "text_emb": np.ascontiguousarray(emb, dtype="<f4").tobytes(),
+                    "text_mask": np.asarray(mask, dtype=np.uint8).tobytes(),
+                    "text_len": emb.shape[0],
+                    "text_dim": emb.shape[1],
+                    "source_fps": info.fps,
+                    "source_width": info.width,
+                    "source_height": info.height,
+                    "codec": info.codec,
+                }
+            )
+            counts["clips_out"] += 1
+    writer.flush()
+    marker = {"group": group, "shards": writer.shards, "counts": dict(counts), "rejected": rejected}
+    storage.write_json(group_marker(output_uri, group), marker)
+    return marker
 
 
 def _read_video(uri: str) -> bytes:
@@ -581,7 +601,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
             batch_size=1,
             batch_format="numpy",
             fn_kwargs={"output_uri": ctx.output_uri, "rules": asdict(Rules.from_config(cfg)), "text": [text]},
-            ray_remote_args_fn=retry_failed_reads,
         )
         tasks.materialize()
         seconds["curate"] = time.perf_counter() - started - seconds["embed"]

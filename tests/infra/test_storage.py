@@ -1,3 +1,4 @@
+import dataclasses
 import io
 from pathlib import Path
 
@@ -132,11 +133,25 @@ def test_a_failed_multipart_upload_is_aborted(s3_bucket: str, s3_server: str) ->
     assert not storage.exists(f"s3://{s3_bucket}/big.bin")
 
 
-def test_a_failed_s3_read_is_an_error_that_is_retried_not_a_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_s3_read_is_an_error_that_is_retried_not_a_rejection(
+    ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import numpy as np
+    import ray
+
+    from infra.config import load_config
     from pipelines import clips
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv(storage.S3_ATTEMPTS_ENV, "2")
-    with pytest.raises(clips.ReadFailed, match="s3://bucket/video.mp4"):
-        clips._read_video("s3://bucket/video.mp4")
-    assert clips.retry_failed_reads() == {"max_retries": 3, "retry_exceptions": [clips.ReadFailed]}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # the store is down
+    monkeypatch.setenv(storage.S3_ATTEMPTS_ENV, "1")
+    monkeypatch.setattr(clips, "READ_RETRY_PAUSE_S", 0.0)
+    video = {"index": 0, "video_index": 0, "uri": "s3://bucket/v.mp4", "source_uri": "s3://bucket/v.mp4",
+             "caption": "c", "meta": "{}", "reject": "", "reject_detail": ""}
+    text = ray.put((["c"], np.zeros((1, 4, 2), np.float32), np.ones((1, 4), bool)))
+    rules = dataclasses.asdict(clips.Rules.from_config(load_config(None).clips))
+    batch = {"group": np.asarray([0]), "videos": np.asarray([json.dumps([video])], dtype=object)}
+    with pytest.raises(clips.ReadFailed, match="s3://bucket/v.mp4"):
+        clips.curate_group(batch, output_uri=str(tmp_path / "out"), rules=rules, text=[text])
+    assert not (tmp_path / "out" / clips.GROUPS_DIR).exists(), "no marker: the video is not counted as rejected"
