@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -14,7 +13,8 @@ from collections.abc import Sequence
 from infra.config import EMBEDDED_DEFAULT, ConfigError, PipelineConfig, load_config
 from infra.errors import UserError
 from infra.preflight import check_manifest, preflight
-from infra.redact import RedactingFilter, redact_text
+from infra import console
+from infra.redact import redact_text
 from infra.storage import IncompleteOutputError
 
 BENCHMARKS = {
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(CausVid) on Ray Data, Ray Train + DeepSpeed and MLflow.",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="Ray's, Ray Data's and DeepSpeed's own logs on the console too"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stage_list = ", ".join(STAGES)
 
@@ -139,6 +142,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     stages = select_stages(config, start=args.start, until=args.until)
     preflight(config, stages)
+    console.capture_internal_logs(config.storage.root)
     ensure_ray(config)
     outputs = run_stages(config, stages, force=args.force, parent_run_name="run")
     for name, uri in outputs.items():
@@ -152,6 +156,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
     config = _load(args)
     preflight(config, [args.name])
+    console.capture_internal_logs(config.storage.root)
     ensure_ray(config)
     outputs = run_stages(config, [args.name], force=[args.name] if args.force else [], parent_run_name=args.name)
     print(outputs[args.name])
@@ -275,21 +280,17 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
-    for noisy in ("alembic", "mlflow", "urllib3", "botocore", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console.configure(quiet=args.quiet, verbose_logs=args.verbose)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, IncompleteOutputError, UserError, NotImplementedError) as err:
         print(f"causvid: error: {redact_text(str(err))}", file=sys.stderr)
         return 2
+    except Exception:
+        tail = console.failure_tail()
+        if tail:
+            print(redact_text(tail), file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 
-from infra import storage
+from infra import console, storage
 from infra.config import PipelineConfig
 from infra.redact import is_secret_name
 
@@ -101,8 +101,9 @@ def _init_local(config: PipelineConfig) -> None:
         include_dashboard=config.ray.dashboard,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": forwarded_env()},
-        configure_logging=True,
+        configure_logging=console.verbose(),
         logging_level="WARNING",
+        log_to_driver=console.verbose(),
     )
 
 

@@ -1,4 +1,5 @@
-"""No secret leaves the driver: not into Ray's session folder, the MLflow store, the manifests or the console."""
+"""No secret leaves the driver: not into Ray's session folder, the MLflow store, the manifests or the console; and
+the console carries the product's lines, Ray's own logs going to a file under the root."""
 
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ def test_a_local_run_leaves_no_secret_anywhere(tmp_path: Path, tmp_path_factory:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert any(ray_tmp.rglob("runtime_env_agent.log")) and (tmp_path / "root" / "mlflow.db").is_file()
+    console = result.stderr.decode().splitlines()
+    assert [line.split()[2:4] for line in console if " I synthetic " in line] == [["synthetic", "running"], ["synthetic", "done"]]
+    assert not [line for line in console if "streaming_executor" in line or "Execution plan" in line]
+    [internal_log] = (tmp_path / "root" / "logs").glob("causvid-*.log")
+    assert "Execution plan" in internal_log.read_text() or "streaming_executor" in internal_log.read_text()
     for value in SECRETS.values():
         assert occurrences(ray_tmp, value.encode()) == {} and occurrences(tmp_path, value.encode()) == {}, value
         assert value.encode() not in result.stdout + result.stderr
