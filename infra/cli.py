@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("args", nargs=argparse.REMAINDER, help="the causvid command to run, after --")
 
+    jobs = commands.add_parser(
+        "jobs",
+        help="the cluster's jobs: list them, print one's logs, stop one",
+        description="Examples: causvid jobs list; causvid jobs logs raysubmit_...; causvid jobs stop raysubmit_...",
+    )
+    jobs.add_argument("action", choices=["list", "logs", "stop"])
+    jobs.add_argument("job", nargs="?", metavar="JOB", help="the job id (for logs and stop), as `jobs list` shows it")
+    jobs.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
+
     report = commands.add_parser("report", help="print the latest evaluation's scores and drift ratios")
     _config_args(report)
     report.add_argument("--json", action="store_true", help="print summary.json: {models: {NAME: {metric: value, drift_ratio}}}")
@@ -190,13 +199,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from infra.cluster import submit
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise UserError("submit needs a cluster: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    address = _jobs_address(args)
     forwarded = args.args[1:] if args.args[:1] == ["--"] else args.args
     if not forwarded:
         raise UserError("submit needs a command after --, e.g. causvid submit -- run --config configs/tiny.yaml")
     return submit(address, forwarded, wait=not args.no_wait, env=args.env)
+
+
+def _jobs_address(args: argparse.Namespace) -> str:
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError(f"{args.command} needs a cluster: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    return address
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from infra.cluster import job_logs, list_jobs, stop_job
+
+    address = _jobs_address(args)
+    if args.action == "list":
+        for job in list_jobs(address):
+            print(f"{job['job_id']:32s} {job['status']:10s} {job['command']}")
+        return 0
+    if not args.job:
+        raise UserError(f"jobs {args.action} needs a job id, e.g. causvid jobs {args.action} raysubmit_... (see causvid jobs list)")
+    if args.action == "logs":
+        print(job_logs(address, args.job), end="")
+        return 0
+    print(f"job {args.job} {'stopping' if stop_job(address, args.job) else 'had already ended'}")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -271,6 +302,7 @@ COMMANDS = {
     "sweep": _cmd_sweep,
     "status": _cmd_status,
     "submit": _cmd_submit,
+    "jobs": _cmd_jobs,
     "report": _cmd_report,
     "dashboard": _cmd_dashboard,
     "generate": _cmd_generate,

@@ -18,6 +18,7 @@ import ray
 
 from infra import console, storage
 from infra.config import PipelineConfig
+from infra.errors import UserError
 from infra.redact import is_secret_name
 
 log = logging.getLogger("causvid")
@@ -135,6 +136,40 @@ def submit(
         status = client.get_job_status(job_id)
     print(f"job {job_id} {status.value}", flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def list_jobs(address: str) -> list[dict[str, str]]:
+    """Every job of the cluster, oldest first: id, status and the causvid command it runs."""
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = sorted(JobSubmissionClient(address).list_jobs(), key=lambda job: job.start_time or 0)
+    return [
+        {
+            "job_id": job.submission_id or job.job_id or "",
+            "status": job.status.value,
+            "command": job.entrypoint.replace("python -m infra.cli", "causvid", 1),
+        }
+        for job in jobs
+    ]
+
+
+def job_logs(address: str, job_id: str) -> str:
+    """The logs a job has written so far."""
+    return _client_for_job(address, job_id).get_job_logs(job_id)
+
+
+def stop_job(address: str, job_id: str) -> bool:
+    """Ask the cluster to stop a job; False when it had already ended."""
+    return _client_for_job(address, job_id).stop_job(job_id)
+
+
+def _client_for_job(address: str, job_id: str):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    if job_id not in {job["job_id"] for job in list_jobs(address)}:
+        raise UserError(f"no job {job_id!r} on {address}: `causvid jobs list` shows the cluster's jobs")
+    return client
 
 
 EXCLUDES = [".venv", ".git", "causvid-data", "**/__pycache__", "*.egg-info", ".pytest_cache"]

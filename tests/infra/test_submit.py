@@ -148,3 +148,32 @@ def test_submit_without_an_address_is_a_one_line_error(tmp_path: Path) -> None:
     result = subprocess.run([str(BIN / "causvid"), "submit", "--", "status"], env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "causvid: error: submit needs a cluster: pass --address http://HOST:8265 or set RAY_ADDRESS"
+
+
+def test_jobs_list_logs_and_stop(ray_cluster: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    url, env = ray_cluster
+
+    def causvid(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "causvid"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    long_job = ["stage", "synthetic", "--set", f"storage.root={tmp_path / 'root'}", "--set", "synthetic.num_videos=500"]
+    submitted = causvid("submit", "--address", url, "--no-wait", "--", *long_job)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.split()[2]
+    listed = causvid("jobs", "list", "--address", url)
+    [line] = [row for row in listed.stdout.splitlines() if row.startswith(job_id)]
+    assert line.split()[1] in {"PENDING", "RUNNING"} and line.split()[2:] == ["causvid", *long_job]
+    assert causvid("jobs", "logs", job_id, "--address", url).returncode == 0
+    stopped = causvid("jobs", "stop", job_id, "--address", url)
+    assert stopped.stdout.strip() == f"job {job_id} stopping"
+    deadline = time.time() + 120
+    status = ""
+    while time.time() < deadline and status != "STOPPED":
+        time.sleep(1)
+        rows = causvid("jobs", "list", "--address", url).stdout.splitlines()
+        status = next(row.split()[1] for row in rows if row.startswith(job_id))
+    assert status == "STOPPED"
+    unknown = causvid("jobs", "logs", "raysubmit_nope", "--address", url)
+    assert unknown.returncode == 2 and unknown.stderr.strip() == (
+        f"causvid: error: no job 'raysubmit_nope' on {url}: `causvid jobs list` shows the cluster's jobs"
+    )
