@@ -10,10 +10,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from infra import console
 from infra.config import EMBEDDED_DEFAULT, ConfigError, PipelineConfig, load_config
 from infra.errors import UserError
 from infra.preflight import check_manifest, preflight
-from infra import console
 from infra.redact import redact_text
 from infra.storage import IncompleteOutputError
 
