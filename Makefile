@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/causvid run --config configs/tiny.yaml
+	$(VENV)/bin/causvid run
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -227,8 +227,12 @@ def write_mp4(generator: Generator, request: Request, out: str | Path, *, progre
     with bar, Mp4Writer(out, p.fps, p.height, p.width) as writer:
         for chunk in generator.chunks(request):
             writer.write(chunk.frames)
-            chunks.append(replace(chunk, frames=chunk.frames[:0]))
+            chunks.append(replace(chunk, frames=np.empty((len(chunk.frames), 0, 0, 3), np.uint8)))  # counts, not pixels
             bar.advance(len(chunk.frames), chunk.start + len(chunk.frames), chunk.elapsed)
     figures = timing(chunks) if chunks else {}
-    log.info("generate: %s", " ".join(f"{k}={v:.3g}" for k, v in figures.items()))
+    log.info(
+        "generate: wrote %s: %d frames (%.1f s at %d fps) in %.1f s, %.3g frames/s, first frame after %.3g s",
+        Path(out).resolve(), figures.get("frames", 0), figures.get("frames", 0) / p.fps, p.fps,
+        chunks[-1].elapsed if chunks else 0.0, figures.get("fps", math.nan), figures.get("latency_s", math.nan),
+    )
     return Path(out).resolve()

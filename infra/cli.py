@@ -6,13 +6,15 @@ import argparse
 import contextlib
 import importlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from infra.config import ConfigError, PipelineConfig, load_config
+from infra import console
+from infra.config import EMBEDDED_DEFAULT, ConfigError, PipelineConfig, load_config
 from infra.errors import UserError
+from infra.preflight import check_manifest, preflight
+from infra.redact import redact_text
 from infra.storage import IncompleteOutputError
 
 BENCHMARKS = {
@@ -24,7 +26,7 @@ BENCHMARKS = {
 
 
 def _config_args(
-    parser: argparse.ArgumentParser, config_help: str = "YAML config (default: built-in defaults = configs/tiny.yaml)"
+    parser: argparse.ArgumentParser, config_help: str = "YAML config (default: configs/tiny.yaml, the embedded default)"
 ) -> None:
     parser.add_argument("--config", "-c", help=config_help)
     parser.add_argument(
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(CausVid) on Ray Data, Ray Train + DeepSpeed and MLflow.",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="Ray's, Ray Data's and DeepSpeed's own logs on the console too"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stage_list = ", ".join(STAGES)
 
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(sweep, "base YAML config of every row (default: the sweep file's `config`)")
     sweep.add_argument("--json", action="store_true", help="print the rows as JSON")
 
-    status = commands.add_parser("status", help="list stages as done / missing / stale with their output URIs")
+    status = commands.add_parser("status", help="list stages as done / partial / stale / missing with their output URIs")
     _config_args(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -76,7 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="NAME", help="also forward this environment variable to the job"
+    )
     submit.add_argument("args", nargs=argparse.REMAINDER, help="the causvid command to run, after --")
+
+    jobs = commands.add_parser(
+        "jobs",
+        help="the cluster's jobs: list them, print one's logs, stop one",
+        description="Examples: causvid jobs list; causvid jobs logs raysubmit_...; causvid jobs stop raysubmit_...",
+    )
+    jobs.add_argument("action", choices=["list", "logs", "stop"])
+    jobs.add_argument("job", nargs="?", metavar="JOB", help="the job id (for logs and stop), as `jobs list` shows it")
+    jobs.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
 
     report = commands.add_parser("report", help="print the latest evaluation's scores and drift ratios")
     _config_args(report)
@@ -110,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--vae", help="VAE model.pt (default: the one in the checkpoint's manifests)")
     generate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    generate.add_argument("--config", "-c", help="YAML config, to find MLflow run ids (default: built-in defaults)")
+    generate.add_argument("--config", "-c", help="YAML config, to find MLflow run ids (default: configs/tiny.yaml)")
     generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
 
     imports = commands.add_parser(
@@ -136,7 +153,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.config, _overrides(args))
+    """The command's config: `--config`, else the embedded default's file, so every command sees the demo's outputs."""
+    return load_config(args.config or EMBEDDED_DEFAULT, _overrides(args))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -145,6 +163,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     stages = select_stages(config, start=args.start, until=args.until)
+    preflight(config, stages)
+    console.capture_internal_logs(config.storage.root)
     ensure_ray(config)
     outputs = run_stages(config, stages, force=args.force, parent_run_name="run")
     for name, uri in outputs.items():
@@ -157,6 +177,8 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from pipelines.workflow import run_stages
 
     config = _load(args)
+    preflight(config, [args.name])
+    console.capture_internal_logs(config.storage.root)
     ensure_ray(config)
     outputs = run_stages(config, [args.name], force=[args.name] if args.force else [], parent_run_name=args.name)
     print(outputs[args.name])
@@ -174,11 +196,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipelines.workflow import status
 
-    rows = status(_load(args))
+    config = _load(args)
+    if config.clips.manifest:
+        check_manifest(config.clips.manifest)
+    rows = status(config)
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
-    marks = {"done": "done   ", "stale": "stale  ", "missing": "missing"}
+    marks = {"done": "done   ", "partial": "partial", "stale": "stale  ", "missing": "missing"}
     for row in rows:
         print(f"{row.name:15s} {marks[row.state]} {row.uri}  {row.detail}".rstrip())
     return 0
@@ -187,13 +212,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from infra.cluster import submit
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise UserError("submit needs a cluster: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    address = _jobs_address(args)
     forwarded = args.args[1:] if args.args[:1] == ["--"] else args.args
     if not forwarded:
         raise UserError("submit needs a command after --, e.g. causvid submit -- run --config configs/tiny.yaml")
-    return submit(address, forwarded, wait=not args.no_wait)
+    return submit(address, forwarded, wait=not args.no_wait, env=args.env)
+
+
+def _jobs_address(args: argparse.Namespace) -> str:
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError(f"{args.command} needs a cluster: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    return address
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from infra.cluster import job_logs, list_jobs, stop_job
+
+    address = _jobs_address(args)
+    if args.action == "list":
+        for job in list_jobs(address):
+            print(f"{job['job_id']:32s} {job['status']:10s} {job['command']}")
+        return 0
+    if not args.job:
+        raise UserError(f"jobs {args.action} needs a job id, e.g. causvid jobs {args.action} raysubmit_... (see causvid jobs list)")
+    if args.action == "logs":
+        print(job_logs(address, args.job), end="")
+        return 0
+    print(f"job {args.job} {'stopping' if stop_job(address, args.job) else 'had already ended'}")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -275,6 +322,7 @@ COMMANDS = {
     "sweep": _cmd_sweep,
     "status": _cmd_status,
     "submit": _cmd_submit,
+    "jobs": _cmd_jobs,
     "report": _cmd_report,
     "dashboard": _cmd_dashboard,
     "generate": _cmd_generate,
@@ -285,19 +333,17 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for noisy in ("alembic", "mlflow", "urllib3", "botocore", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console.configure(quiet=args.quiet, verbose_logs=args.verbose)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, IncompleteOutputError, UserError, NotImplementedError) as err:
-        print(f"causvid: error: {err}", file=sys.stderr)
+        print(f"causvid: error: {redact_text(str(err))}", file=sys.stderr)
         return 2
+    except Exception:
+        tail = console.failure_tail()
+        if tail:
+            print(redact_text(tail), file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

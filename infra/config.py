@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+EMBEDDED_DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+"""The config of every command run without `--config`: the embedded default's values live in this one file, and the
+field defaults below only fill in the keys it leaves out."""
 
 
 class ConfigError(ValueError):
@@ -29,9 +34,9 @@ class StorageConfig(Section):
 
     root: str = "causvid-data"
     s3_endpoint_url: str | None = Field(
-        default=None, description="S3-compatible endpoint; defaults to $AWS_ENDPOINT_URL, then AWS itself."
+        default=None, description="S3-compatible endpoint; wins over $AWS_ENDPOINT_URL; default AWS itself."
     )
-    s3_region: str | None = Field(default=None, description="Defaults to $AWS_REGION / $AWS_DEFAULT_REGION.")
+    s3_region: str | None = Field(default=None, description="Wins over $AWS_REGION / $AWS_DEFAULT_REGION.")
 
 
 class TrackingConfig(Section):
@@ -89,6 +94,15 @@ class ClipsConfig(Section):
         le=51,
         description="Each clip's frames are stored as H.264: lossless RGB by default, or 4:2:0 at this CRF (far smaller).",
     )
+
+    @field_validator("clip_frames")
+    @classmethod
+    def _one_plus_four_n(cls, value: int | None) -> int | None:
+        if value is not None and value % 4 != 1:
+            below = value - (value - 1) % 4
+            raise ValueError(f"must be 1 + 4n, e.g. {below} or {below + 4}, so the VAE maps it to 1 + n latent frames")
+        return value
+
     stride_frames: int = Field(default=32, ge=1)
     min_seconds: float = Field(default=1.0, ge=0)
     min_side: int = Field(default=32, ge=1)
@@ -360,7 +374,8 @@ def _one_line(err: ValidationError) -> str:
         expected = first.get("ctx", {}).get("expected", "")
         return f"config key '{loc}': must be one of {expected} (got {first['input']!r})"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"config key '{loc}': {first['msg']} (got {first['input']!r}){more}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"config key '{loc}': {message} (got {first['input']!r}){more}"
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

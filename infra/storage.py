@@ -12,16 +12,21 @@ import io
 import json
 import os
 import posixpath
+import re
 import uuid
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from infra.config import StorageConfig
+from infra.redact import redact
+
 MANIFEST = "_SUCCESS.json"
+STAGING_PREFIX = ".tmp-"
 
 
 class IncompleteOutputError(FileNotFoundError):
@@ -45,20 +50,79 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_s3(base) else str(Path(base, *parts))
 
 
+S3_ATTEMPTS_ENV = "CAUSVID_S3_ATTEMPTS"
+S3_ATTEMPTS = 10
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 60.0
+URI_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def scheme(uri: str) -> str:
+    """`s3`, `file`, another scheme as written, or '' for a plain path."""
+    match = URI_SCHEME.match(uri)
+    return match["scheme"].lower() if match else ""
+
+
+def apply_settings(settings: StorageConfig) -> None:
+    """Make `storage.s3_endpoint_url` / `storage.s3_region` the process's S3 settings, before Ray starts,
+    so that its workers (and submitted jobs, which are forwarded these variables) see them too."""
+    if settings.s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
+        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    if settings.s3_region:
+        os.environ["AWS_REGION"] = settings.s3_region
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_attempts() -> int:
+    """Attempts per S3 request, with AWS's standard retry mode's backoff in between (`$CAUSVID_S3_ATTEMPTS`)."""
+    return int(os.environ.get(S3_ATTEMPTS_ENV, S3_ATTEMPTS))
+
+
 def s3_options() -> dict[str, Any]:
     """Endpoint and region of the S3 store, from the standard AWS variables ($AWS_ENDPOINT_URL too)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    options: dict[str, Any] = {"region": region}
+    endpoint = s3_endpoint()
+    options: dict[str, Any] = {"region": s3_region(), "attempts": s3_attempts()}
     if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        options.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        scheme_, _, host = endpoint.partition("://")
+        options.update(endpoint_override=host or scheme_, scheme=scheme_ if host else "https")
     return options
 
 
 @lru_cache(maxsize=8)
 def _s3_filesystem(options_key: str) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(**json.loads(options_key))
+    options = json.loads(options_key)
+    return pafs.S3FileSystem(
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.pop("attempts")),
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        request_timeout=S3_REQUEST_TIMEOUT_S,
+        **options,
+    )
+
+
+@lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str, attempts: int) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    retries = Config(
+        retries={"mode": "standard", "max_attempts": attempts},
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_REQUEST_TIMEOUT_S,
+    )
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=retries)
+
+
+def s3_client(attempts: int | None = None) -> Any:
+    """A boto3 S3 client with botocore's standard retry mode (exponential backoff with jitter)."""
+    return _s3_client(s3_endpoint(), s3_region(), attempts or s3_attempts())
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -81,14 +145,12 @@ def read_bytes(uri: str) -> bytes:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file so that readers see either nothing or all of it, never a prefix."""
-    fs, path = resolve(uri)
     if is_s3(uri):
-        with fs.open_output_stream(path) as stream:
-            stream.write(data)
+        upload(io.BytesIO(data), uri)
         return
-    target = Path(path)
+    target = Path(normalize(uri))
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+    staging = target.parent / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{target.name}"
     try:
         with open(staging, "wb") as handle:
             handle.write(data)
@@ -99,7 +161,18 @@ def write_bytes(uri: str, data: bytes) -> None:
         staging.unlink(missing_ok=True)
 
 
+def upload(stream: BinaryIO, uri: str) -> None:
+    """Upload to S3 with retries; large objects go up in parts, and a failed multipart upload is aborted (s3transfer
+    aborts it), so no pending parts are left to be billed and the object never appears half-written."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    s3_client().upload_fileobj(stream, bucket, key)
+
+
 def upload_file(local_path: str | Path, uri: str) -> None:
+    if is_s3(uri):
+        with open(local_path, "rb") as stream:
+            upload(stream, uri)
+        return
     write_bytes(uri, Path(local_path).read_bytes())
 
 
@@ -142,6 +215,23 @@ def list_dirs(uri: str) -> list[str]:
     return sorted(prefix + info.path for info in infos if info.type == pafs.FileType.Directory)
 
 
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def sweep_staging(output_uri: str) -> int:
+    """Remove the staging files a killed writer left in a local output (S3 uploads leave none); returns how many."""
+    if is_s3(output_uri):
+        return 0
+    folder = Path(normalize(output_uri))
+    stale = [path for path in folder.rglob(f"{STAGING_PREFIX}*") if path.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def delete_tree(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
@@ -149,8 +239,8 @@ def delete_tree(uri: str) -> None:
 
 
 def write_manifest(output_uri: str, manifest: dict[str, Any]) -> None:
-    """Mark an output complete; called last, after every file of the output is in place."""
-    write_json(join(output_uri, MANIFEST), manifest)
+    """Mark an output complete; called last, after every file of the output is in place. Secrets never land in it."""
+    write_json(join(output_uri, MANIFEST), redact(manifest))
 
 
 def read_manifest(output_uri: str) -> dict[str, Any]:
@@ -166,6 +256,10 @@ def is_complete(output_uri: str) -> bool:
 
 
 def parquet_files(output_uri: str) -> list[str]:
-    """The Parquet shards of a complete output, for Ray Data or pyarrow readers."""
-    read_manifest(output_uri)
+    """The Parquet shards of a complete output, for Ray Data or pyarrow readers: exactly those its manifest
+    lists under `files` (a shard an interrupted attempt left behind is never read); an output written by
+    hand without that list gives the Parquet files in its folder."""
+    manifest = read_manifest(output_uri)
+    if "files" in manifest:
+        return [join(output_uri, name) for name in manifest["files"]]
     return list_files(output_uri, ".parquet")

@@ -8,7 +8,7 @@ $MLFLOW_TRACKING_URI point at a server instead. Ray workers log into the stage's
 from __future__ import annotations
 
 import os
-import re
+import socket
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -23,9 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from infra import storage
 from infra.config import ConfigError, PipelineConfig
+from infra.redact import redact
 
-SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.IGNORECASE)
-REDACTED = "***"
 
 
 def tracking_uri(config: PipelineConfig) -> str:
@@ -75,21 +74,49 @@ def _set_tracking_uri_keeping_env(uri: str) -> None:
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config as flat `a.b` params, with secret-looking keys redacted."""
+    """Nested config as flat `a.b` params, with secrets redacted (secret-looking keys, secret values)."""
     flat: dict[str, str] = {}
-    for key, value in params.items():
+    for key, value in redact(dict(params)).items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = REDACTED if SECRET_KEY.search(name) and value is not None else str(value)
+            flat[name] = str(value)
     return flat
+
+
+def _process_tags() -> dict[str, str]:
+    """Which process owns a run, so that the next run can tell a killed one from one still going."""
+    return {"causvid.host": socket.gethostname(), "causvid.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this host whose process is gone (a `kill -9`); returns their ids."""
+    client = MlflowClient()
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`causvid.host` = '{host}'"
+    )
+    orphans = [run.info.run_id for run in runs if not _alive(int(run.data.tags.get("causvid.pid", "0") or 0))]
+    for run_id in orphans:
+        client.set_terminated(run_id, status="FAILED")
+    return orphans
 
 
 @contextmanager
 def workflow_run(config: PipelineConfig, name: str, tags: Mapping[str, str]) -> Iterator[str]:
-    configure(config)
-    with mlflow.start_run(run_name=name, tags={"causvid.kind": "workflow", **tags}) as run:
+    fail_orphaned_runs(configure(config))
+    with mlflow.start_run(run_name=name, tags=redact({"causvid.kind": "workflow", **_process_tags(), **tags})) as run:
         mlflow.log_params(flatten({"storage": {"root": config.storage.root}, "model": config.model.model_dump()}))
         yield run.info.run_id
 
@@ -105,12 +132,13 @@ def stage_run(
 ) -> Iterator[str]:
     """A child run for one stage: config as params, inputs and output as tags and datasets."""
     tags = {
+        **_process_tags(),
         "causvid.kind": "stage",
         "causvid.stage": stage,
         "causvid.output": output_uri,
         **{f"causvid.input.{dep}": uri for dep, uri in inputs.items()},
     }
-    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags=tags) as run:
+    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags=redact(tags)) as run:
         mlflow.log_params(flatten({stage: dict(params)}))
         for dep, uri in inputs.items():
             log_dataset(uri, dep, context="input")
@@ -135,7 +163,8 @@ def log_stage_result(manifest: Mapping[str, Any]) -> None:
     numbers["stage_seconds"] = float(manifest["seconds"])
     mlflow.log_metrics(numbers)
     mlflow.set_tag("causvid.fingerprint", manifest["fingerprint"])
-    mlflow.log_dict(dict(manifest), "manifest.json")
+    mlflow.set_tags({f"causvid.code.{key}": str(value) for key, value in manifest.get("code", {}).items()})
+    mlflow.log_dict(redact(dict(manifest)), "manifest.json")
     output = mlflow.get_run(mlflow.active_run().info.run_id).data.tags["causvid.output"]
     log_dataset(output, manifest["stage"], context="output", fingerprint=manifest["fingerprint"])
 

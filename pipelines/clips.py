@@ -46,6 +46,7 @@ import math
 import os
 import posixpath
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -59,11 +60,14 @@ import ray
 
 from infra import storage
 from infra.config import ClipsConfig
+from infra.preflight import check_manifest
 from model.presets import Preset, get_preset
 from pipelines.video import decode_clip, encode_clip
 from pipelines.workflow import StageContext
 
 REJECT_REASONS = (
+    "unsupported_scheme",
+    "empty_caption",
     "missing",
     "empty",
     "unreadable",
@@ -77,7 +81,11 @@ REJECT_REASONS = (
     "error",
 )
 CLIP_DROP_REASONS = ("blank", "static")
+SUPPORTED_SCHEMES = ("", "file", "s3")
+READ_RETRIES = 3
+READ_RETRY_PAUSE_S = 2.0
 TRUNCATED_FRACTION = 0.75
+TRUNCATED_SLACK_FRAMES = 2  # a file that fails to decode and ends this many frames short of its header is cut
 DECODE_CHUNK = 64
 REJECTED_URI = ("rejected", "rejected.parquet")
 GROUPS_DIR = "_groups"
@@ -116,6 +124,11 @@ REJECTED_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+
+
+class ReadFailed(OSError):
+    """A video that is there but could not be read (a storage outage): its group's task is retried, and a read that
+    keeps failing fails the stage; it is never counted as a rejection."""
 
 
 class Rejected(Exception):
@@ -242,6 +255,30 @@ def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, 
         raise Rejected("too_small", f"{info.width}x{info.height} < {rules.min_side}")
     if 0 < info.duration < rules.min_seconds:
         raise Rejected("too_short", f"{info.duration:.2f} s declared < {rules.min_seconds} s")
+    try:
+        return _curate_decoded(data, info, rules)
+    except Rejected as rej:
+        if rej.reason != "decode_error" or info.duration <= 0:
+            raise
+        decodable = decodable_seconds(data)
+        if decodable < info.duration - TRUNCATED_SLACK_FRAMES / max(info.fps, 1.0):
+            raise Rejected("truncated", f"{decodable:.2f} s decodable of {info.duration:.2f} s declared") from None
+        raise
+
+
+def decodable_seconds(data: bytes) -> float:
+    """How far into a video PyAV decodes before the data ends or breaks (the timestamp of its last good frame)."""
+    seconds = 0.0
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                seconds = float(frame.time) if frame.time is not None else seconds
+    except Exception:  # the point where a cut file breaks is what we are measuring
+        pass
+    return seconds
+
+
+def _curate_decoded(data: bytes, info: Probe, rules: Rules) -> tuple[Probe, int, list[dict[str, Any]], Counter[str]]:
     width, height = decode_size(info.width, info.height, rules.height, rules.width)
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=width, height=height)
@@ -328,10 +365,22 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.rows:
             return
-        name = f"clips-g{self.group:05d}-{len(self.shards):03d}.parquet"
+        name = shard_name(self.group, len(self.shards))
         storage.write_parquet(storage.join(self.output_uri, name), pa.Table.from_pylist(self.rows, schema=CLIP_SCHEMA))
         self.shards.append(name)
         self.rows = []
+
+
+def shard_name(group: int, number: int) -> str:
+    return f"clips-g{group:05d}-{number:03d}.parquet"
+
+
+def remove_group_shards(output_uri: str, group: int) -> None:
+    """Shards an interrupted attempt at this group wrote before it died; the re-run writes its own."""
+    prefix = shard_name(group, 0)[: -len("000.parquet")]
+    for uri in storage.list_files(output_uri, ".parquet"):
+        if posixpath.basename(uri).startswith(prefix):
+            storage.delete_file(uri)
 
 
 def group_marker(output_uri: str, group: int) -> str:
@@ -343,78 +392,118 @@ def curate_group(
 ) -> dict[str, np.ndarray]:
     """One Ray task: curate the videos of each group row, write its shards, then its marker.
 
-    `text` is `[ref]` to the object-store tuple (captions, emb [N, L, D] float32, mask [N, L] bool).
+    `text` is `[ref]` to the object-store tuple (captions, emb [N, L, D] float32, mask [N, L] bool). A group whose
+    video read fails (`ReadFailed`, after the S3 client's own retries) is redone from scratch a few times, with a
+    growing pause, before the error fails the stage.
     """
     rule = Rules(**rules)
     captions, text_emb, text_mask = ray.get(text[0])
     row_of_caption = {caption: i for i, caption in enumerate(captions)}
     markers = []
     for group, videos_json in zip(batch["group"].tolist(), batch["videos"].tolist()):
-        writer = ShardWriter(output_uri, group, rule.rows_per_shard)
-        counts: Counter[str] = Counter()
-        rejected = []
-        for video in json.loads(videos_json):
-            counts["videos_in"] += 1
+        for attempt in range(READ_RETRIES + 1):
             try:
-                data = _read_video(video["uri"])
-                info, num_source, clips, dropped = curate_video(data, rule)
-            except Rejected as rej:
-                counts[f"rejected_{rej.reason}"] += 1
-                rejected.append({**_video_fields(video), "reason": rej.reason, "detail": rej.detail[:500]})
-                continue
-            except Exception as err:  # a bug or an unforeseen input must not stop the other videos
-                counts["rejected_error"] += 1
-                rejected.append({**_video_fields(video), "reason": "error", "detail": f"{type(err).__name__}: {err}"[:500]})
-                continue
-            counts["accepted"] += 1
-            counts["source_frames"] += num_source
-            for reason, number in dropped.items():
-                counts[f"clips_dropped_{reason}"] += number
-            k = row_of_caption[video["caption"]]
-            emb, mask = text_emb[k], text_mask[k]
-            for number, clip in enumerate(clips):
-                frames = clip["frames"]
-                writer.add(
-                    {
-                        "clip_id": f"{video['index']:06d}-{number:04d}",
-                        **{key: video[key] for key in ("video_index", "uri", "caption", "meta")},
-                        "start_frame": clip["start_frame"],
-                        "start_time": clip["start_time"],
-                        "fps": float(rule.fps),
-                        "num_frames": frames.shape[0],
-                        "height": frames.shape[1],
-                        "width": frames.shape[2],
-                        "frames": encode_clip(frames, rule.fps, rule.crf),
-                        "motion_score": clip["motion_score"],
-                        "text_emb": np.ascontiguousarray(emb, dtype="<f4").tobytes(),
-                        "text_mask": np.asarray(mask, dtype=np.uint8).tobytes(),
-                        "text_len": emb.shape[0],
-                        "text_dim": emb.shape[1],
-                        "source_fps": info.fps,
-                        "source_width": info.width,
-                        "source_height": info.height,
-                        "codec": info.codec,
-                    }
-                )
-                counts["clips_out"] += 1
-        writer.flush()
-        marker = {"group": group, "shards": writer.shards, "counts": dict(counts), "rejected": rejected}
-        storage.write_json(group_marker(output_uri, group), marker)
+                videos = json.loads(videos_json)
+                marker = _curate_one_group(output_uri, group, videos, rule, row_of_caption, text_emb, text_mask)
+                break
+            except ReadFailed:
+                if attempt == READ_RETRIES:
+                    raise
+                time.sleep(READ_RETRY_PAUSE_S * 2**attempt)
         markers.append(json.dumps(marker))
     return {"marker": np.asarray(markers, dtype=object)}
 
 
+def _curate_one_group(
+    output_uri: str,
+    group: int,
+    videos: list[dict[str, Any]],
+    rule: Rules,
+    row_of_caption: dict[str, int],
+    text_emb: np.ndarray,
+    text_mask: np.ndarray,
+) -> dict[str, Any]:
+    """Curate one group's videos, write its shards, then its marker (last); returns the marker."""
+    remove_group_shards(output_uri, group)
+    writer = ShardWriter(output_uri, group, rule.rows_per_shard)
+    counts: Counter[str] = Counter()
+    rejected = []
+    for video in videos:
+        counts["videos_in"] += 1
+        try:
+            if video.get("reject"):
+                raise Rejected(video["reject"], video.get("reject_detail", ""))
+            data = _read_video(video["uri"])
+            info, num_source, clips, dropped = curate_video(data, rule)
+        except ReadFailed:
+            raise
+        except Rejected as rej:
+            counts[f"rejected_{rej.reason}"] += 1
+            rejected.append({**_video_fields(video), "reason": rej.reason, "detail": rej.detail[:500]})
+            continue
+        except Exception as err:  # a bug or an unforeseen input must not stop the other videos
+            counts["rejected_error"] += 1
+            rejected.append({**_video_fields(video), "reason": "error", "detail": f"{type(err).__name__}: {err}"[:500]})
+            continue
+        counts["accepted"] += 1
+        counts["source_frames"] += num_source
+        for reason, number in dropped.items():
+            counts[f"clips_dropped_{reason}"] += number
+        k = row_of_caption[video["caption"]]
+        emb, mask = text_emb[k], text_mask[k]
+        meta = json.loads(video["meta"])
+        if mask[-1]:
+            meta["caption_truncated"] = True
+            counts["captions_truncated"] += 1
+        for number, clip in enumerate(clips):
+            frames = clip["frames"]
+            writer.add(
+                {
+                    "clip_id": f"{video['index']:06d}-{number:04d}",
+                    **{key: video[key] for key in ("video_index", "uri", "caption")},
+                    "meta": json.dumps(meta, sort_keys=True),
+                    "start_frame": clip["start_frame"],
+                    "start_time": clip["start_time"],
+                    "fps": float(rule.fps),
+                    "num_frames": frames.shape[0],
+                    "height": frames.shape[1],
+                    "width": frames.shape[2],
+                    "frames": encode_clip(frames, rule.fps, rule.crf),
+                    "motion_score": clip["motion_score"],
+                    "text_emb": np.ascontiguousarray(emb, dtype="<f4").tobytes(),
+                    "text_mask": np.asarray(mask, dtype=np.uint8).tobytes(),
+                    "text_len": emb.shape[0],
+                    "text_dim": emb.shape[1],
+                    "source_fps": info.fps,
+                    "source_width": info.width,
+                    "source_height": info.height,
+                    "codec": info.codec,
+                }
+            )
+            counts["clips_out"] += 1
+    writer.flush()
+    marker = {"group": group, "shards": writer.shards, "counts": dict(counts), "rejected": rejected}
+    storage.write_json(group_marker(output_uri, group), marker)
+    return marker
+
+
 def _read_video(uri: str) -> bytes:
-    if not uri or not storage.exists(uri):
-        raise Rejected("missing", f"no object at {uri!r}")
+    """The bytes of a video; a local file that is not there is `missing`, an S3 read that fails is `ReadFailed`."""
     try:
-        return storage.read_bytes(uri)
+        present = bool(uri) and storage.exists(uri)
+        data = storage.read_bytes(uri) if present else b""
     except OSError as err:
-        raise Rejected("missing", f"{type(err).__name__}: {err}") from None
+        if storage.is_s3(uri):
+            raise ReadFailed(f"{uri}: {type(err).__name__}: {err}") from err
+        raise Rejected("unreadable", f"{type(err).__name__}: {err}") from None
+    if not present:
+        raise Rejected("missing", f"no object at {uri!r}")
+    return data
 
 
 def _video_fields(video: Mapping[str, Any]) -> dict[str, Any]:
-    return {"video_index": video["video_index"], "uri": video["uri"], "caption": video["caption"]}
+    """A rejected row keeps the URI as the user wrote it in the manifest."""
+    return {"video_index": video["video_index"], "uri": video["source_uri"], "caption": video["caption"]}
 
 
 class CaptionEncoder:
@@ -452,51 +541,73 @@ def embed_captions(
 def read_manifest(uri: str) -> list[dict[str, Any]]:
     """Rows of a CSV, JSONL or Parquet manifest with at least `uri, caption`, read by Ray Data.
 
-    Relative local paths are taken relative to the manifest's folder; other columns go to `meta` (JSON).
-    Each row gets `video_index` (its row number) and `index` (the same, for clip ids).
+    Video URIs may be `s3://...`, `file://...` or plain paths, relative ones taken relative to the manifest's
+    folder; a row with another scheme or an empty caption carries the reason it will be rejected for (`reject`).
+    Other columns go to `meta` (JSON). Each row gets `video_index` (its row number), `index` (the same, for clip
+    ids) and `source_uri` (the URI as written).
     """
+    check_manifest(uri)
     fs, path = storage.resolve(uri)
     lower = uri.lower()
     if lower.endswith(".parquet"):
         dataset = ray.data.read_parquet(path, filesystem=fs)
     elif lower.endswith(".csv"):
         dataset = ray.data.read_csv(path, filesystem=fs, file_extensions=None)
-    elif lower.endswith((".jsonl", ".json", ".ndjson")):
-        dataset = ray.data.read_json(path, filesystem=fs, file_extensions=None)
     else:
-        raise ValueError(f"manifest {uri}: expected a .csv, .jsonl or .parquet file")
+        dataset = ray.data.read_json(path, filesystem=fs, file_extensions=None)
     table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
-    missing = {"uri", "caption"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"manifest {uri} lacks column(s) {sorted(missing)}; it needs `uri` and `caption`")
     base = posixpath.dirname(uri) if storage.is_s3(uri) else os.path.dirname(storage.normalize(uri))
     rows = []
     for number, row in enumerate(table.to_pylist()):
-        video_uri = str(row.pop("uri") or "")
-        if video_uri and not storage.is_s3(video_uri) and not video_uri.startswith("/"):
-            video_uri = storage.join(base, video_uri)
+        source_uri = str(row.pop("uri") or "")
         caption = row.pop("caption")
         caption = "" if caption is None else str(caption)
-        meta = json.dumps(row, sort_keys=True, default=str)
-        rows.append({"index": number, "video_index": number, "uri": video_uri, "caption": caption, "meta": meta})
+        entry = {"index": number, "video_index": number, "source_uri": source_uri, "caption": caption}
+        entry["uri"], entry["reject"], entry["reject_detail"] = _video_uri(source_uri, base)
+        if not entry["reject"] and not caption.strip():
+            entry["reject"], entry["reject_detail"] = "empty_caption", "the manifest's caption is empty"
+        rows.append({**entry, "meta": json.dumps(row, sort_keys=True, default=str)})
     return rows
+
+
+def _video_uri(source_uri: str, base: str) -> tuple[str, str, str]:
+    """(URI to read, rejection reason or '', detail) of a manifest's video URI."""
+    kind = storage.scheme(source_uri)
+    if kind not in SUPPORTED_SCHEMES:
+        return source_uri, "unsupported_scheme", f"scheme {kind!r}: use s3://, file:// or a path"
+    if kind == "s3":
+        return source_uri, "", ""
+    path = urllib.parse.unquote(urllib.parse.urlparse(source_uri).path) if kind == "file" else source_uri
+    return (storage.join(base, path) if path and not os.path.isabs(path) else path), "", ""
+
+
+def drop_duplicates(videos: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The first row of each (video, caption) pair, and how many repeats were dropped."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for video in videos:
+        key = (video["uri"], video["caption"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(video)
+    return kept, len(videos) - len(kept)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg: ClipsConfig = ctx.config.clips
     rules = Rules.from_config(cfg, get_preset(ctx.config.model.preset))
-    if rules.clip_frames % 4 != 1:
-        raise ValueError(f"clips.clip_frames must be 1 + 4n (got {rules.clip_frames}), so the VAE maps it to 1 + n latents")
     if cfg.manifest:
         manifest = cfg.manifest
     else:
         from pipelines.synthetic import manifest_uri
 
         manifest = manifest_uri(ctx.inputs["synthetic"])
-    videos = read_manifest(manifest)
+    listed = read_manifest(manifest)
+    videos, duplicates = drop_duplicates(listed)
     groups: dict[int, list[dict[str, Any]]] = {}
     for video in videos:
         groups.setdefault(video["index"] // cfg.videos_per_task, []).append(video)
+    ctx.track_progress("groups", [posixpath.join(GROUPS_DIR, f"{g:05d}.json") for g in sorted(groups)])
     pending = {g: vs for g, vs in groups.items() if not ctx.done(GROUPS_DIR, f"{g:05d}.json")}
     seconds = {"embed": 0.0, "curate": 0.0}
     if pending:
@@ -522,11 +633,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for marker in markers:
         totals.update(marker["counts"])
     counts = {
-        "videos_in": len(videos),
+        "videos_in": len(listed),
+        "duplicates": duplicates,
         "accepted": totals["accepted"],
         "rejected": len(rejected),
         **{f"rejected_{reason}": totals[f"rejected_{reason}"] for reason in REJECT_REASONS},
         "clips_out": totals["clips_out"],
+        "captions_truncated": totals["captions_truncated"],
         **{f"clips_dropped_{reason}": totals[f"clips_dropped_{reason}"] for reason in CLIP_DROP_REASONS},
         "shards": sum(len(m["shards"]) for m in markers),
         "source_frames": totals["source_frames"],
@@ -540,7 +653,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "seconds_embed": round(seconds["embed"], 3),
         "seconds_curate": round(seconds["curate"], 3),
     }
-    return {"counts": counts, "summary": summary}
+    return {"counts": counts, "summary": summary, "files": [name for marker in markers for name in marker["shards"]]}
 
 
 def read_clips(uri: str) -> ray.data.Dataset:

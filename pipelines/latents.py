@@ -197,6 +197,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     vae_uri = storage.join(ctx.inputs["vae"], MODEL_FILE)
     clip_shards = storage.parquet_files(ctx.inputs["clips"])
     jobs = [{"uri": uri, "name": latent_shard_name(uri)} for uri in clip_shards]
+    ctx.track_progress("shards", [job["name"] for job in jobs])
     pending = [job for job in jobs if not ctx.done(job["name"])]
     if pending:
         workers = max(1, min(len(pending), int(ray.available_resources().get("CPU", 1))))
@@ -214,11 +215,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
             num_cpus=1,
         )
         dataset.materialize()
-    written = storage.list_files(ctx.output_uri, ".parquet")
+    written = [ctx.output(job["name"]) for job in jobs]
     rows = sum(storage.read_parquet(uri).num_rows for uri in written)
     first = storage.read_parquet(written[0]).slice(0, 1).to_pydict() if written else {}
     shape = [int(first[k][0]) for k in ("latent_frames", "latent_channels", "latent_height", "latent_width")] if first else []
     return {
         "counts": {"clips": rows, "shards": len(written), "shards_encoded": len(pending), "shards_skipped": len(jobs) - len(pending)},
         "summary": {"vae": vae_uri, "latent_shape": "x".join(map(str, shape))},
+        "files": [job["name"] for job in jobs],
     }

@@ -214,10 +214,11 @@ def training_dataset(uri: str) -> ray.data.Dataset:
     return shards.map_batches(read_shard_arrays, batch_size=1, batch_format="numpy", num_cpus=0)
 
 
-def check_complete(output_uri: str, num_prompts: int) -> int:
-    """Rows written, after checking that every prompt index appears exactly once."""
+def check_complete(output_uri: str, shards: int, num_prompts: int) -> int:
+    """Rows written in the stage's `shards` shards, after checking that every prompt index appears exactly once."""
+    files = [storage.join(output_uri, shard_name(k)) for k in range(shards)]
     indices = np.concatenate(
-        [storage.read_parquet(uri).column("prompt_index").to_numpy() for uri in storage.list_files(output_uri, ".parquet")]
+        [storage.read_parquet(uri).column("prompt_index").to_numpy() for uri in files]
         or [np.zeros(0, np.int64)]
     )
     if len(indices) != num_prompts or not np.array_equal(np.sort(indices), np.arange(num_prompts)):
@@ -246,6 +247,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise UserError(str(err)) from None
     r = cfg.rows_per_shard
     jobs = [{"shard": k, "prompts": json.dumps(prompts[k * r : (k + 1) * r])} for k in range(-(-len(prompts) // r))]
+    ctx.track_progress("shards", [shard_name(job["shard"]) for job in jobs])
     pending = [job for job in jobs if not ctx.done(shard_name(job["shard"]))]
     if pending:
         resource = "GPU" if cfg.use_gpu else "CPU"
@@ -276,7 +278,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             num_gpus=1 if cfg.use_gpu else 0,
         )
         dataset.materialize()
-    rows = check_complete(ctx.output_uri, cfg.num_prompts)
+    rows = check_complete(ctx.output_uri, len(jobs), cfg.num_prompts)
     return {
         "counts": {"rows": rows, "shards": len(jobs), "shards_computed": len(pending), "shards_skipped": len(jobs) - len(pending)},
         "summary": {
@@ -290,4 +292,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "student_timesteps": ",".join(map(str, preset.student_timesteps)),
             "latent_shape": "x".join(map(str, preset.latent_shape())),
         },
+        "files": [shard_name(job["shard"]) for job in jobs],
     }

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import logging
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from infra.config import ConfigError, PipelineConfig, section_dump
 log = logging.getLogger("causvid")
 
 SOURCE_PACKAGES = ("model", "pipelines", "training", "evaluation")
+PROGRESS = "_progress.json"
 PLUMBING = ("pipelines.workflow",)
 
 
@@ -59,6 +61,11 @@ class StageContext:
     def done(self, *parts: str) -> bool:
         """Whether a file of this output is already in place (a finished shard of an interrupted run)."""
         return storage.exists(self.output(*parts))
+
+    def track_progress(self, unit: str, files: list[str]) -> None:
+        """Declare the files whose presence marks each finished unit (a group, a shard), so that `causvid status`
+        can tell how far an interrupted run got."""
+        storage.write_json(self.output(PROGRESS), {"unit": unit, "files": files})
 
 
 def _always(*names: str) -> Callable[[PipelineConfig], tuple[str, ...]]:
@@ -134,7 +141,8 @@ STAGES: dict[str, Stage] = {
 
 @lru_cache(maxsize=None)
 def code_version(module: str) -> str:
-    """Hash of the sources a stage runs: its entry module and every project module it imports, transitively.
+    """Hash of the code a stage runs: its entry module and every project module it imports, transitively, each
+    as its syntax tree without docstrings, so editing a comment, a docstring or the layout retrains nothing.
 
     Plumbing (`infra`, this workflow) moves data without changing it and is left out, so editing the CLI or the
     storage layer retrains nothing; config changes are caught by the section hash. Taken once per process.
@@ -143,8 +151,45 @@ def code_version(module: str) -> str:
     digest = hashlib.sha256()
     for name in sorted(project_imports(module)):
         digest.update(name.encode())
-        digest.update(_module_file(top, name).read_bytes())
+        digest.update(code_of(_module_file(top, name).read_text()).encode())
     return digest.hexdigest()[:12]
+
+
+def code_of(source: str) -> str:
+    """What a module does, as text: its syntax tree with docstrings dropped (comments and layout never reach it)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+@lru_cache(maxsize=1)
+def code_revision() -> dict[str, Any]:
+    """The exact code that ran, for manifests and MLflow: the git commit (and whether the tree had changes) where
+    there is a checkout, and always the SHA-256 of every project source file (a submitted job has no `.git`)."""
+    top = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for package in (*SOURCE_PACKAGES, "infra") for p in (top / package).rglob("*.py")):
+        digest.update(str(path.relative_to(top)).encode())
+        digest.update(path.read_bytes())
+    revision: dict[str, Any] = {"source_sha256": digest.hexdigest()}
+    git = ["git", "-C", str(top)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return revision
+    if commit.returncode == 0:
+        revision.update(git_commit=commit.stdout.strip(), git_dirty=bool(changes.stdout.strip()))
+    return revision
 
 
 def project_imports(module: str) -> set[str]:
@@ -264,7 +309,8 @@ class StageState:
 
 
 def status(config: PipelineConfig) -> list[StageState]:
-    """done: complete at the current fingerprint; stale: only other fingerprints complete; missing: none."""
+    """done: complete at the current fingerprint; partial: an interrupted run's progress there; stale: only other
+    fingerprints complete; missing: none."""
     the_plan = plan(config)
     rows = []
     for name in STAGES:
@@ -272,10 +318,24 @@ def status(config: PipelineConfig) -> list[StageState]:
         if storage.is_complete(uri):
             rows.append(StageState(name, "done", uri, json.dumps(storage.read_manifest(uri).get("counts", {}))))
             continue
+        progress = partial_progress(uri)
+        if progress:
+            rows.append(StageState(name, "partial", uri, progress))
+            continue
         others = [d for d in storage.list_dirs(storage.join(the_plan.root, name)) if storage.is_complete(d)]
         state = "stale" if others else "missing"
         rows.append(StageState(name, state, uri, f"{len(others)} older output(s)" if others else ""))
     return rows
+
+
+def partial_progress(output_uri: str) -> str:
+    """`partial: 3 of 6 groups` for an output an interrupted run left, from its declared progress; else ''."""
+    progress_uri = storage.join(output_uri, PROGRESS)
+    if not storage.exists(progress_uri):
+        return ""
+    progress = storage.read_json(progress_uri)
+    done = sum(storage.exists(storage.join(output_uri, name)) for name in progress["files"])
+    return f"partial: {done} of {len(progress['files'])} {progress['unit']}"
 
 
 def vae_of(output_uri: str) -> str | None:
@@ -331,6 +391,7 @@ def run_stages(
     force = set(force)
     for name in force:
         _check_stage(name)
+    storage.apply_settings(config.storage)
     the_plan = plan(config)
     for name in force & set(the_plan.imported):
         raise ConfigError(f"stage '{name}' is imported from {the_plan.imported[name]} and cannot be forced")
@@ -349,6 +410,9 @@ def _run_one(config: PipelineConfig, the_plan: Plan, name: str, force: bool, par
         return uri
     if force:
         storage.delete_tree(uri)
+    swept = storage.sweep_staging(uri)
+    if swept:
+        log.info("%-15s removed %d staging file(s) of an interrupted run", name, swept)
     inputs = {dep: the_plan.output_uri(dep) for dep in stage.inputs(config)}
     for dep, dep_uri in inputs.items():
         if not storage.is_complete(dep_uri):
@@ -369,8 +433,10 @@ def _run_one(config: PipelineConfig, the_plan: Plan, name: str, force: bool, par
             "inputs": inputs,
             "config": section_dump(section),
             "counts": result.get("counts", {}),
+            **({"files": result["files"]} if "files" in result else {}),
             "summary": result.get("summary", {}),
             "mlflow_run_id": run_id,
+            "code": code_revision(),
             "seconds": round(seconds, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -110,8 +110,8 @@ S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 # Set before any Ray worker starts, so that stage tasks see the local S3 server as the driver does.
 os.environ.update(
     AWS_ENDPOINT_URL=S3_ENDPOINT,
-    AWS_ACCESS_KEY_ID="testing",
-    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_ACCESS_KEY_ID="causvid-test-key-id",
+    AWS_SECRET_ACCESS_KEY="causvid-test-secret-key",
     AWS_REGION="us-east-1",
 )
 

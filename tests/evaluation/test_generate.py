@@ -4,6 +4,8 @@ input video), and one-line errors."""
 
 from __future__ import annotations
 
+import logging
+
 import os
 import time
 from pathlib import Path
@@ -155,7 +157,9 @@ def test_video_to_video_consumes_a_growing_mp4_chunk_by_chunk(generator: Generat
     assert (full[0].latents - offline[0].latents).abs().max() > 1e-3
 
 
-def test_cli_generate_streams_an_mp4(student_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_generate_streams_an_mp4(
+    student_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
     image = tmp_path / "first.png"
     from PIL import Image
 
@@ -163,8 +167,12 @@ def test_cli_generate_streams_an_mp4(student_dir: str, tmp_path: Path, capsys: p
     out = tmp_path / "out" / "video.mp4"
     args = ["generate", "--checkpoint", student_dir, "--prompt", A, "--seconds", "1.5",
             "--out", str(out), "--prompt-at", f"0.5:{B}", "--image", str(image), "--device", "cpu"]
-    assert main(args) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
     assert capsys.readouterr().out.strip() == str(out.resolve())
+    [summary] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generate: wrote")]
+    assert summary.startswith(f"generate: wrote {out.resolve()}: 18 frames (1.5 s at 12 fps) in ")
+    assert "nan" not in summary
     with av.open(str(out)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 18 and frames[0].shape == (64, 64, 3)

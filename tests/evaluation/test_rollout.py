@@ -9,7 +9,7 @@ import torch
 
 from infra import storage, tracking
 from infra.cli import main
-from infra.config import PipelineConfig, load_config
+from infra.config import EMBEDDED_DEFAULT, PipelineConfig, load_config
 from model.presets import get_preset
 from model.weights import MODEL_FILE, save_model
 from pipelines.workflow import plan, run_stages
@@ -19,10 +19,11 @@ SECONDS = 3
 
 @pytest.fixture(scope="module")
 def untrained_inputs(tmp_path_factory: pytest.TempPathFactory) -> PipelineConfig:
-    """Complete outputs of the stages evaluate reads, holding freshly initialised tiny networks."""
+    """Complete outputs of the stages evaluate reads, holding freshly initialised tiny networks, where a command
+    without --config (the embedded default's config) looks for them."""
     root = tmp_path_factory.mktemp("evaluate") / "root"
     config = load_config(
-        None,
+        EMBEDDED_DEFAULT,
         [f"storage.root={root}", "ray.num_cpus=2", f"evaluate.seconds={SECONDS}", "evaluate.num_prompts=2",
          "evaluate.causal_teacher_steps=2"],
     )

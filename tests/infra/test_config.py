@@ -1,9 +1,11 @@
+import json
 from pathlib import Path
 
 import pytest
 
 from infra.cli import main
 from infra.config import ConfigError, PipelineConfig, load_config
+from pipelines.workflow import plan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,3 +73,16 @@ def test_the_wan_cluster_config_loads_and_evaluates_only_what_it_names() -> None
     assert config.evaluate.prompts_file and not config.evaluate.applications
     assert STAGES["evaluate"].inputs(config) == ("vae", "teacher", "ode_init", "dmd")
     assert STAGES["evaluate"].inputs(load_config(None)) == ("vae", "teacher", "causal_teacher", "ode_init", "dmd")
+
+
+def test_commands_without_a_config_see_the_demo_s_outputs(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = ["--set", f"storage.root={tmp_path / 'root'}", "--set", "synthetic.num_videos=2", "--set", "synthetic.seconds=1"]
+    assert main(["--quiet", "stage", "synthetic", "--config", str(REPO / "configs" / "tiny.yaml"), *small]) == 0
+    capsys.readouterr()
+    assert main(["status", "--json", *small]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["synthetic"]["state"] == "done" and rows["clips"]["state"] == "missing"
+    demo = plan(load_config(REPO / "configs" / "tiny.yaml", small[1::2]))
+    assert {name: row["uri"] for name, row in rows.items()} == {name: demo.output_uri(name) for name in rows}

@@ -1,3 +1,5 @@
+import dataclasses
+import io
 from pathlib import Path
 
 import boto3
@@ -5,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from infra import storage
+from tests.net import free_port
 
 
 def _roundtrip(root: str) -> None:
@@ -90,3 +93,65 @@ def test_s3_root_without_a_tracking_server_is_a_clear_error() -> None:
 
     with pytest.raises(ConfigError, match="storage.root is on S3 but no MLflow server is set"):
         tracking_uri(load_config(None, ["storage.root=s3://bucket/x"]))
+
+
+def test_storage_s3_settings_are_honoured(s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.config import load_config
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    storage.apply_settings(load_config(None, [f"storage.s3_endpoint_url={s3_server}", "storage.s3_region=us-east-1"]).storage)
+    assert storage.s3_options()["endpoint_override"] == s3_server.removeprefix("http://")
+    storage.write_bytes(f"s3://{s3_bucket}/k.bin", b"on the configured endpoint")
+    body = boto3.client("s3", endpoint_url=s3_server).get_object(Bucket=s3_bucket, Key="k.bin")["Body"].read()
+    assert body == b"on the configured endpoint" and storage.read_bytes(f"s3://{s3_bucket}/k.bin") == body
+
+
+class FailingStream(io.RawIOBase):
+    """A 12 MiB upload source whose read fails after the first 9 MiB: a writer dying mid-upload."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.sent >= 9 << 20:
+            raise ConnectionResetError("the source went away")
+        size = min(len(buffer), (12 << 20) - self.sent)
+        buffer[:size] = b"x" * size
+        self.sent += size
+        return size
+
+
+def test_a_failed_multipart_upload_is_aborted(s3_bucket: str, s3_server: str) -> None:
+    with pytest.raises(ConnectionResetError):
+        storage.upload(FailingStream(), f"s3://{s3_bucket}/big.bin")
+    client = boto3.client("s3", endpoint_url=s3_server)
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert not storage.exists(f"s3://{s3_bucket}/big.bin")
+
+
+def test_a_failed_s3_read_is_an_error_that_is_retried_not_a_rejection(
+    ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import numpy as np
+    import ray
+
+    from infra.config import load_config
+    from pipelines import clips
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # the store is down
+    monkeypatch.setenv(storage.S3_ATTEMPTS_ENV, "1")
+    monkeypatch.setattr(clips, "READ_RETRY_PAUSE_S", 0.0)
+    video = {"index": 0, "video_index": 0, "uri": "s3://bucket/v.mp4", "source_uri": "s3://bucket/v.mp4",
+             "caption": "c", "meta": "{}", "reject": "", "reject_detail": ""}
+    text = ray.put((["c"], np.zeros((1, 4, 2), np.float32), np.ones((1, 4), bool)))
+    rules = dataclasses.asdict(clips.Rules.from_config(load_config(None).clips))
+    batch = {"group": np.asarray([0]), "videos": np.asarray([json.dumps([video])], dtype=object)}
+    with pytest.raises(clips.ReadFailed, match="s3://bucket/v.mp4"):
+        clips.curate_group(batch, output_uri=str(tmp_path / "out"), rules=rules, text=[text])
+    assert not (tmp_path / "out" / clips.GROUPS_DIR).exists(), "no marker: the video is not counted as rejected"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,6 +113,19 @@ def test_submit_runs_a_stage_as_a_ray_job(ray_cluster: tuple[str, dict[str, str]
     run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(manifest["mlflow_run_id"])
     assert run.data.tags["causvid.stage"] == "synthetic"
     assert run.data.params["synthetic.num_videos"] == "4"
+    [runtime_env] = _job_runtime_envs(url, env)
+    assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL"]
+    assert env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(runtime_env), "credentials come from the nodes"
+
+
+def _job_runtime_envs(url: str, env: dict[str, str]) -> list[dict]:
+    """The runtime env of every job, as the Jobs API shows it (from a process with the cluster's token mode)."""
+    script = (
+        "import json, sys; from ray.job_submission import JobSubmissionClient; "
+        "print(json.dumps([job.runtime_env for job in JobSubmissionClient(sys.argv[1]).list_jobs()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", script, url], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_submit_reports_a_failed_job(ray_cluster: tuple[str, dict[str, str]]) -> None:
@@ -134,3 +148,32 @@ def test_submit_without_an_address_is_a_one_line_error(tmp_path: Path) -> None:
     result = subprocess.run([str(BIN / "causvid"), "submit", "--", "status"], env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "causvid: error: submit needs a cluster: pass --address http://HOST:8265 or set RAY_ADDRESS"
+
+
+def test_jobs_list_logs_and_stop(ray_cluster: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    url, env = ray_cluster
+
+    def causvid(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "causvid"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    long_job = ["stage", "synthetic", "--set", f"storage.root={tmp_path / 'root'}", "--set", "synthetic.num_videos=500"]
+    submitted = causvid("submit", "--address", url, "--no-wait", "--", *long_job)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.split()[2]
+    listed = causvid("jobs", "list", "--address", url)
+    [line] = [row for row in listed.stdout.splitlines() if row.startswith(job_id)]
+    assert line.split()[1] in {"PENDING", "RUNNING"} and line.split()[2:] == ["causvid", *long_job]
+    assert causvid("jobs", "logs", job_id, "--address", url).returncode == 0
+    stopped = causvid("jobs", "stop", job_id, "--address", url)
+    assert stopped.stdout.strip() == f"job {job_id} stopping"
+    deadline = time.time() + 120
+    status = ""
+    while time.time() < deadline and status != "STOPPED":
+        time.sleep(1)
+        rows = causvid("jobs", "list", "--address", url).stdout.splitlines()
+        status = next(row.split()[1] for row in rows if row.startswith(job_id))
+    assert status == "STOPPED"
+    unknown = causvid("jobs", "logs", "raysubmit_nope", "--address", url)
+    assert unknown.returncode == 2 and unknown.stderr.strip() == (
+        f"causvid: error: no job 'raysubmit_nope' on {url}: `causvid jobs list` shows the cluster's jobs"
+    )

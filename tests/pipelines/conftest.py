@@ -37,7 +37,7 @@ EXPECTED_REASON = {
     "short.mp4": "too_short",
     "audio_only.m4a": "no_video_stream",
     "cut_moov.mp4": "unreadable",
-    "cut_frames.mp4": "decode_error",
+    "cut_frames.mp4": "truncated",
     "cut.webm": "truncated",
     "zero.mp4": "empty",
     "text.mp4": "unreadable",

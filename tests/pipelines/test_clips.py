@@ -9,6 +9,7 @@ import pytest
 
 from infra import storage
 from infra.config import load_config
+from infra.errors import UserError
 from pipelines import clips
 from pipelines.oracle import describe
 from pipelines.workflow import StageContext
@@ -130,7 +131,7 @@ def test_manifest_formats(ray_local, footage: Path, tmp_path: Path) -> None:
         assert [r["uri"] for r in read] == [str(footage / "testsrc2.mp4"), str(tmp_path / "life.avi")]
         assert [r["caption"] for r in read] == ["a", ""]
         assert json.loads(read[0]["meta"]) == {"extra": 1}
-    with pytest.raises(ValueError, match="uri"):
+    with pytest.raises(UserError, match="lacks the column\\(s\\) uri"):
         (tmp_path / "bad.csv").write_text("path,caption\nx.mp4,a\n")
         clips.read_manifest(str(tmp_path / "bad.csv"))
 
@@ -151,11 +152,6 @@ def test_clip_geometry() -> None:
     frames = np.arange(2 * 5 * 7 * 3, dtype=np.uint8).reshape(2, 5, 7, 3)
     np.testing.assert_array_equal(clips.center_crop(frames, 3, 3), frames[:, 1:4, 2:5])
     np.testing.assert_array_equal(clips.center_crop(frames, 2, 6), frames[:, 1:3, 0:6])
-
-
-def test_odd_clip_length_is_refused(footage: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="1 \\+ 4n"):
-        clips.run(clips_context(tmp_path, str(footage / "manifest.csv"), **{"clips.clip_frames": 16}))
 
 
 # name -> (lavfi source, encoder arguments): H.264 and VP9, landscape and portrait, 25 and 30 fps, one of
@@ -226,3 +222,35 @@ def test_real_footage_curates_to_the_presets_shape(
     variable = sorted((r for r in rows if r["uri"].endswith("variable.mp4")), key=lambda r: r["start_frame"])
     assert [r["start_frame"] for r in variable] == [0, 16]
     assert variable[1]["start_time"] == pytest.approx(16 / fps, abs=1 / 10)
+
+
+def test_uris_duplicates_and_captions(ray_local, footage: Path, tmp_path: Path) -> None:
+    long_caption = " ".join(["a red circle circling clockwise"] * 400)
+    rows = [
+        (f"file://{footage / 'testsrc2.mp4'}", "a test pattern"),
+        (f"file://{footage / 'testsrc2.mp4'}", "a test pattern"),
+        ("ftp://example.com/a.mp4", "a video"),
+        ("gs://bucket/b.mp4", "a video"),
+        (str(footage / "life.avi"), "   "),
+        ("cellauto.mkv", long_caption),
+    ]
+    pq.write_table(pa.Table.from_pylist([{"uri": u, "caption": c} for u, c in rows]), footage / "uris.parquet")
+    ctx = clips_context(tmp_path, str(footage / "uris.parquet"))
+    result = clips.run(ctx)
+    rejected = storage.read_parquet(ctx.output(*clips.REJECTED_URI)).to_pylist()
+    assert [(r["uri"], r["reason"]) for r in rejected] == [
+        ("ftp://example.com/a.mp4", "unsupported_scheme"),
+        ("gs://bucket/b.mp4", "unsupported_scheme"),
+        (str(footage / "life.avi"), "empty_caption"),
+    ]
+    counts = result["counts"]
+    assert (counts["videos_in"], counts["duplicates"], counts["accepted"], counts["clips_out"]) == (6, 1, 2, 4)
+    assert counts["captions_truncated"] == 1, "the video with the 10,000-character caption"
+    storage.write_manifest(ctx.output_uri, {"files": result["files"]})
+    metas = {r["clip_id"]: json.loads(r["meta"]) for f in storage.parquet_files(ctx.output_uri) for r in pq.read_table(f).to_pylist()}
+    assert metas == {"000000-0000": {}, "000000-0001": {}, "000005-0000": {"caption_truncated": True}, "000005-0001": {"caption_truncated": True}}
+
+
+def test_odd_clip_length_is_refused_by_the_config() -> None:
+    with pytest.raises(ValueError, match="clips.clip_frames': must be 1 \\+ 4n, e.g. 13 or 17"):
+        load_config(None, ["clips.clip_frames=16"])

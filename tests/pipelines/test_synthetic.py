@@ -85,7 +85,7 @@ def test_s3_round_trip(ray_local, s3_bucket: str) -> None:
     config = load_config(None, ["clips.clip_frames=17", "clips.stride_frames=4"])
     text = ([str(c) for c in rows["caption"]], np.zeros((2, 4, 8), np.float32), np.ones((2, 4), bool))
     videos = [
-        {"index": i, "video_index": i, "uri": str(u), "caption": str(c), "meta": "{}"}
+        {"index": i, "video_index": i, "uri": str(u), "source_uri": str(u), "caption": str(c), "meta": "{}"}
         for i, (u, c) in enumerate(zip(rows["uri"], rows["caption"]))
     ]
     clips.curate_group(

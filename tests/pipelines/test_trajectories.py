@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def start_stage(root: Path, overrides: tuple[str, ...]) -> subprocess.Popen:
-    args = [sys.executable, "-m", "infra.cli", "-q", "stage", "trajectories"]
+    schema_defaults = root / "schema-defaults.yaml"  # the world's base: the field defaults, not the demo's file
+    schema_defaults.write_text("{}\n")
+    args = [sys.executable, "-m", "infra.cli", "-q", "stage", "trajectories", "--config", str(schema_defaults)]
     for item in (f"storage.root={root}", *overrides):
         args += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}

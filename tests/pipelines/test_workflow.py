@@ -1,4 +1,5 @@
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -126,6 +127,12 @@ def test_mlflow_parent_and_child_runs(make_config) -> None:
     assert dataset.dataset.digest == Path(uri).name
     assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "output"
     assert storage.read_manifest(uri)["mlflow_run_id"] == child.info.run_id
+    revision = workflow.code_revision()
+    assert storage.read_manifest(uri)["code"] == revision
+    assert child.data.tags["causvid.code.source_sha256"] == revision["source_sha256"]
+    assert child.data.tags["causvid.code.git_commit"] == subprocess.run(
+        ["git", "-C", str(Path(workflow.__file__).parents[1]), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_selection_and_errors(make_config) -> None:
@@ -156,3 +163,12 @@ def test_code_version_follows_each_stage_s_imports() -> None:
     assert {"pipelines.shapes_world", "pipelines.video"} <= synthetic and "model.dit" not in synthetic
     assert len(workflow.code_version("training.teacher")) == 12
     assert workflow.code_version("training.teacher") != workflow.code_version("pipelines.synthetic")
+
+
+def test_code_version_ignores_comments_docstrings_and_layout() -> None:
+    source = 'def f(x):\n    return x + 1\n'
+    reworded = '"""Module."""\n\n# a comment\ndef f(x):  # why\n    """Add one."""\n\n    return x + 1\n'
+    assert workflow.code_of(source) == workflow.code_of(reworded)
+    assert workflow.code_of(source) != workflow.code_of(source.replace("+ 1", "+ 2"))
+    assert workflow.code_of('class A:\n    """Only a docstring."""\n') == workflow.code_of("class A:\n    pass\n")
+

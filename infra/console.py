@@ -1,0 +1,79 @@
+"""A quiet console: the product's own lines on stderr, Ray's and DeepSpeed's internal logs in a file under the
+storage root (`<root>/logs/`), whose tail is shown when a command fails; `causvid --verbose` brings them back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from infra import storage
+from infra.redact import RedactingFilter
+
+VERBOSE_ENV = "CAUSVID_VERBOSE"
+INTERNAL_LOGGERS = ("ray", "ray.data", "deepspeed", "torch", "py.warnings")
+QUIETED_LOGGERS = ("alembic", "mlflow", "urllib3", "botocore", "filelock")  # chatty at INFO, with handlers of their own
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+FAILURE_TAIL_LINES = 20
+
+_internal_log: Path | None = None
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def configure(*, quiet: bool, verbose_logs: bool) -> None:
+    """The console's handler (secrets redacted) and, unless verbose, internal loggers held at warnings until
+    :func:`capture_internal_logs` gives them their file."""
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if verbose_logs:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+    logging.captureWarnings(True)
+    for name in INTERNAL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def capture_internal_logs(root: str) -> Path | None:
+    """Send the internal loggers to `<root>/logs/causvid-<time>-<pid>.log` (a local root only) instead of the console."""
+    global _internal_log
+    if verbose() or storage.is_s3(root) or _internal_log is not None:
+        return _internal_log
+    import ray.data  # noqa: F401  (Ray Data sets up its loggers on import; ours are added after)
+
+    folder = Path(storage.normalize(root)) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"causvid-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    for name in INTERNAL_LOGGERS:
+        logger = logging.getLogger(name)
+        for console_handler in [h for h in logger.handlers if getattr(h, "stream", None) in (sys.stderr, sys.stdout)]:
+            logger.removeHandler(console_handler)  # Ray's loggers come with console handlers of their own
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    _internal_log = path
+    return path
+
+
+def failure_tail() -> str:
+    """The last lines of the internal log, for the console when a command fails."""
+    if _internal_log is None or not _internal_log.is_file():
+        return ""
+    lines = _internal_log.read_text(errors="replace").splitlines()[-FAILURE_TAIL_LINES:]
+    return "\n".join([f"--- last lines of {_internal_log} ---", *lines])
