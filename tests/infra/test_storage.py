@@ -142,6 +142,7 @@ def test_a_failed_s3_read_is_an_error_that_is_retried_not_a_rejection(
     import ray
 
     from infra.config import load_config
+    from model.presets import get_preset
     from pipelines import clips
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # the store is down
@@ -150,7 +151,8 @@ def test_a_failed_s3_read_is_an_error_that_is_retried_not_a_rejection(
     video = {"index": 0, "video_index": 0, "uri": "s3://bucket/v.mp4", "source_uri": "s3://bucket/v.mp4",
              "caption": "c", "meta": "{}", "reject": "", "reject_detail": ""}
     text = ray.put((["c"], np.zeros((1, 4, 2), np.float32), np.ones((1, 4), bool)))
-    rules = dataclasses.asdict(clips.Rules.from_config(load_config(None).clips))
+    config = load_config(None)
+    rules = dataclasses.asdict(clips.Rules.from_config(config.clips, get_preset(config.model.preset)))
     batch = {"group": np.asarray([0]), "videos": np.asarray([json.dumps([video])], dtype=object)}
     with pytest.raises(clips.ReadFailed, match="s3://bucket/v.mp4"):
         clips.curate_group(batch, output_uri=str(tmp_path / "out"), rules=rules, text=[text])

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra import storage
-from infra.config import load_config
+from infra.config import EMBEDDED_DEFAULT, load_config
 from pipelines import clips
 from pipelines.workflow import plan
 
@@ -41,7 +41,7 @@ def test_a_killed_clips_stage_resumes_reading_exactly_its_manifest(
     ]
     args = ["stage", "clips", *(x for s in settings for x in ("--set", s))]
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray"))}
-    output = Path(plan(load_config(None, settings)).output_uri("clips"))
+    output = Path(plan(load_config(EMBEDDED_DEFAULT, settings)).output_uri("clips"))  # what the CLI reads
 
     first = subprocess.Popen(
         [str(BIN / "causvid"), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
