@@ -11,7 +11,7 @@ the schedule's time shift and the student's timesteps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -93,22 +93,25 @@ class Preset:
             return VAE(self.vae)
 
 
+TINY = Preset(
+    name="tiny",
+    dit=DiTConfig(in_channels=8, dim=128, depth=4, heads=4, ffn_dim=512, text_dim=384, freq_dim=128),
+    vae=VAEConfig(latent_channels=8, channels=(16, 32, 64), temporal_down=(True, True)),
+    text_encoder="minilm",
+    text_len=32,
+    height=64,
+    width=64,
+    fps=12,
+    clip_latent_frames=9,
+    window_chunks=2,
+    shift=3.0,
+)
+"""The embedded default's model: the shapes world at 64x64 on two CPU cores."""
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset(
-            name="tiny",
-            dit=DiTConfig(in_channels=8, dim=128, depth=4, heads=4, ffn_dim=512, text_dim=384, freq_dim=128),
-            vae=VAEConfig(latent_channels=8, channels=(16, 32, 64), temporal_down=(True, True)),
-            text_encoder="minilm",
-            text_len=32,
-            height=64,
-            width=64,
-            fps=12,
-            clip_latent_frames=9,
-            window_chunks=2,
-            shift=3.0,
-        ),
+        TINY,
         Preset(
             name="small",
             dit=DiTConfig(in_channels=16, dim=384, depth=8, heads=6, ffn_dim=1536, text_dim=384),
@@ -122,21 +125,13 @@ PRESETS: dict[str, Preset] = {
             window_chunks=3,
             shift=3.0,
         ),
-        Preset(
+        replace(
+            TINY,
             name="tiny-wan2.1",
             dit=DiTConfig(
                 in_channels=8, dim=64, depth=2, heads=2, ffn_dim=128, text_dim=384, freq_dim=64,
                 null_text_len=32, architecture="wan2.1",
             ),
-            vae=VAEConfig(latent_channels=8, channels=(16, 32, 64), temporal_down=(True, True)),
-            text_encoder="minilm",
-            text_len=32,
-            height=64,
-            width=64,
-            fps=12,
-            clip_latent_frames=9,
-            window_chunks=2,
-            shift=3.0,
         ),
         Preset(
             name="wan2.1-t2v-1.3b",

@@ -205,7 +205,25 @@ class Decoder(nn.Module):
         return self.conv_out(h, cache)
 
 
-class VAE(nn.Module):
+class LatentNormalization:
+    """Per-channel latent statistics of a VAE (its ``latent_mean`` and ``latent_std`` buffers, ``[C]``): every other
+    model sees ``(z - latent_mean) / latent_std``."""
+
+    latent_mean: Tensor
+    latent_std: Tensor
+
+    def _channels(self, stat: Tensor, like: Tensor) -> Tensor:
+        return stat.to(like).reshape(1, 1, -1, 1, 1)
+
+    def normalize(self, raw: Tensor) -> Tensor:
+        """Raw latents ``[B, F, C, h, w]`` -> the normalised latents every other model sees."""
+        return (raw - self._channels(self.latent_mean, raw)) / self._channels(self.latent_std, raw)
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        return latents * self._channels(self.latent_std, latents) + self._channels(self.latent_mean, latents)
+
+
+class VAE(LatentNormalization, nn.Module):
     """``encode(video [B, T, 3, H, W]) -> latents [B, F, C, h, w]`` and back; see the module docstring."""
 
     def __init__(self, cfg: VAEConfig) -> None:
@@ -255,16 +273,6 @@ class VAE(nn.Module):
             return h, torch.full_like(h, float("-inf"))
         mean, logvar = h.chunk(2, dim=2)
         return mean, logvar.clamp(-30.0, 20.0)
-
-    def _channels(self, stat: Tensor, like: Tensor) -> Tensor:
-        return stat.to(like).reshape(1, 1, -1, 1, 1)
-
-    def normalize(self, raw: Tensor) -> Tensor:
-        """Raw latents ``[B, F, C, h, w]`` -> the normalised latents every other model sees."""
-        return (raw - self._channels(self.latent_mean, raw)) / self._channels(self.latent_std, raw)
-
-    def denormalize(self, latents: Tensor) -> Tensor:
-        return latents * self._channels(self.latent_std, latents) + self._channels(self.latent_mean, latents)
 
     @torch.no_grad()
     def set_latent_stats(self, raw: Tensor) -> None:

@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from model.dit import DiT, DiTConfig
+from model.vae import LatentNormalization
 
 WAN_TEXT_LEN = 512
 """Wan's pipeline pads every caption (and the empty prompt) to 512 UMT5 tokens."""
@@ -160,7 +161,7 @@ class WanVAEConfig:
         return 1 + (latent_frames - 1) * self.temporal_factor
 
 
-class WanVAE(nn.Module):
+class WanVAE(LatentNormalization, nn.Module):
     """``AutoencoderKLWan`` with our VAE's interface: ``encode(video [B, T, 3, H, W]) -> latents [B, F, C, h, w]``
     normalised by ``latents_mean`` / ``latents_std``, ``decode`` back (unclamped), and streaming both ways."""
 
@@ -170,15 +171,6 @@ class WanVAE(nn.Module):
         self.cfg = WanVAEConfig(dict(model.config))
         self.register_buffer("latent_mean", torch.tensor(model.config.latents_mean, dtype=torch.float32))
         self.register_buffer("latent_std", torch.tensor(model.config.latents_std, dtype=torch.float32))
-
-    def _channels(self, stat: Tensor, like: Tensor) -> Tensor:
-        return stat.to(like).reshape(1, 1, -1, 1, 1)
-
-    def normalize(self, raw: Tensor) -> Tensor:
-        return (raw - self._channels(self.latent_mean, raw)) / self._channels(self.latent_std, raw)
-
-    def denormalize(self, latents: Tensor) -> Tensor:
-        return latents * self._channels(self.latent_std, latents) + self._channels(self.latent_mean, latents)
 
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:
