@@ -108,6 +108,21 @@ TINY = Preset(
 )
 """The embedded default's model: the shapes world at 64x64 on two CPU cores."""
 
+WAN_SHAPE = Preset(
+    name="wan1.3b-shape",
+    dit=DiTConfig(),
+    vae=VAEConfig(),
+    text_encoder="umt5",
+    text_len=512,
+    height=480,
+    width=832,
+    fps=16,
+    clip_latent_frames=21,
+    window_chunks=6,
+    shift=5.0,
+)
+"""Wan2.1-T2V-1.3B's shapes on our own DiT layout; ``wan2.1-t2v-1.3b`` is the same with Wan's layout exactly."""
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -133,32 +148,8 @@ PRESETS: dict[str, Preset] = {
                 null_text_len=32, architecture="wan2.1",
             ),
         ),
-        Preset(
-            name="wan2.1-t2v-1.3b",
-            dit=DiTConfig(null_text_len=512, architecture="wan2.1"),
-            vae=VAEConfig(),
-            text_encoder="umt5",
-            text_len=512,
-            height=480,
-            width=832,
-            fps=16,
-            clip_latent_frames=21,
-            window_chunks=6,
-            shift=5.0,
-        ),
-        Preset(
-            name="wan1.3b-shape",
-            dit=DiTConfig(),
-            vae=VAEConfig(),
-            text_encoder="umt5",
-            text_len=512,
-            height=480,
-            width=832,
-            fps=16,
-            clip_latent_frames=21,
-            window_chunks=6,
-            shift=5.0,
-        ),
+        replace(WAN_SHAPE, name="wan2.1-t2v-1.3b", dit=DiTConfig(null_text_len=512, architecture="wan2.1")),
+        WAN_SHAPE,
     )
 }
 

@@ -40,8 +40,22 @@ def video_to_pixels(video: Tensor) -> np.ndarray:
     return pixels.movedim(-3, -1).cpu().numpy()
 
 
+class CausalFrames:
+    """Frame counts of a causal video VAE: the first frame alone, then ``temporal_factor`` frames per latent frame."""
+
+    temporal_factor: int
+
+    def latent_frames(self, frames: int) -> int:
+        if (frames - 1) % self.temporal_factor:
+            raise ValueError(f"clip length {frames} is not 1 + {self.temporal_factor} n")
+        return 1 + (frames - 1) // self.temporal_factor
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        return 1 + (latent_frames - 1) * self.temporal_factor
+
+
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(CausalFrames):
     """Channel widths per resolution level; each level but the last halves space, ``temporal_down`` says which
     also halve time (two of them for x4). ``kl`` adds a Gaussian posterior."""
 
@@ -62,14 +76,6 @@ class VAEConfig:
     @property
     def temporal_factor(self) -> int:
         return 2 ** sum(self.temporal_down)
-
-    def latent_frames(self, frames: int) -> int:
-        if (frames - 1) % self.temporal_factor:
-            raise ValueError(f"clip length {frames} is not 1 + {self.temporal_factor} n")
-        return 1 + (frames - 1) // self.temporal_factor
-
-    def pixel_frames(self, latent_frames: int) -> int:
-        return 1 + (latent_frames - 1) * self.temporal_factor
 
 
 class CausalConv3d(nn.Conv3d):

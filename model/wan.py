@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from model.dit import DiT, DiTConfig
-from model.vae import LatentNormalization
+from model.vae import CausalFrames, LatentNormalization
 
 WAN_TEXT_LEN = 512
 """Wan's pipeline pads every caption (and the empty prompt) to 512 UMT5 tokens."""
@@ -143,7 +143,7 @@ def dit_from_diffusers(transformer_or_path: nn.Module | str | Path, **overrides:
     return dit.eval()
 
 
-class WanVAEConfig:
+class WanVAEConfig(CausalFrames):
     """The shape facts our stages read from a VAE's ``cfg`` (the temporal and spatial factors, latent channels)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -151,14 +151,6 @@ class WanVAEConfig:
         self.latent_channels = int(config["z_dim"])
         self.temporal_factor = 2 ** sum(bool(d) for d in config["temperal_downsample"])
         self.spatial_factor = 2 ** (len(config["dim_mult"]) - 1)
-
-    def latent_frames(self, frames: int) -> int:
-        if (frames - 1) % self.temporal_factor:
-            raise ValueError(f"clip length {frames} is not 1 + {self.temporal_factor} n")
-        return 1 + (frames - 1) // self.temporal_factor
-
-    def pixel_frames(self, latent_frames: int) -> int:
-        return 1 + (latent_frames - 1) * self.temporal_factor
 
 
 class WanVAE(LatentNormalization, nn.Module):
