@@ -1,8 +1,12 @@
-"""Inference benchmark: the teacher's 50-step bidirectional CFG sampling of a clip against the student's 4-step
-KV-cached streaming, plus the no-cache reference and the DiT's achieved FLOP/s against the machine's matmul rate.
+"""Inference benchmark, as the paper measures it: a 10-second video, the teacher generating the whole clip at once
+(bidirectional, 50 CFG steps) against the student streaming it chunk by chunk with the KV cache, both decoded to
+pixels by the VAE; latency is the time to the first decoded frame, throughput frames per second over the video.
 
-``main(argv) -> dict`` (the ``causvid bench inference`` command prints it as JSON). Random weights are enough:
-every figure is a wall-clock time of the real computation, measured once in this process on this machine.
+The teacher on one training clip is kept as a second, shorter figure; beside them: the per-chunk cost over a
+30-second rollout, the no-cache reference, the VAE decode's share of a chunk and the DiT's achieved FLOP/s
+against the machine's dense matmul rate (bf16 where the device has it). ``main(argv) -> dict`` (the
+``causvid bench inference`` command prints it as JSON). Random weights are enough: every figure is a wall-clock
+time of the real computation, measured once in this process on this machine.
 """
 
 from __future__ import annotations
@@ -13,16 +17,25 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.dit import DiT
+from model.precision import has_native_bf16
 from model.presets import Preset, get_preset
 from model.streaming import Chunk, stream, teacher_sample
 
-TARGETS = {"latency_ratio": 200.0, "throughput_ratio": 20.0, "chunk_time_growth": 1.2, "matmul_fraction": 0.5}
+TARGETS = {
+    "latency_ratio": 200.0,
+    "throughput_ratio": 20.0,
+    "chunk_time_growth": 1.1,
+    "matmul_fraction": 0.5,
+    "vae_decode_fraction": 0.25,
+    "student_fps": 200.0,
+}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -30,10 +43,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--teacher-steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--guidance", type=float, default=None, help="default: the preset's")
-    parser.add_argument("--seconds", type=float, nargs="+", default=[10.0, 30.0], help="rollout lengths")
+    parser.add_argument("--video-seconds", type=float, default=10.0, help="length of the paper's comparison")
+    parser.add_argument("--long-seconds", type=float, default=30.0, help="rollout for the per-chunk cost growth")
     parser.add_argument("--window", type=int, default=None, help="sliding window in chunks (default: preset's)")
     parser.add_argument("--reference-seconds", type=float, default=10.0, help="length of the no-cache rollout")
-    parser.add_argument("--repeats", type=int, default=1, help="rollouts per length; per-chunk minimum is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="rollouts per length; per-chunk minimum is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -72,36 +86,103 @@ def forward_flops(model: DiT, *args: Any, **kwargs: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def _rollout(preset: Preset, model: DiT, vae: torch.nn.Module, text: tuple, n: int, seed: int, **kw: Any) -> list[Chunk]:
-    g = torch.Generator(device=text[0].device).manual_seed(seed)
+@dataclass
+class _Models:
+    preset: Preset
+    dit: DiT
+    vae: torch.nn.Module
+    text: tuple[torch.Tensor, torch.Tensor]
+    device: torch.device
+
+
+def _rollout(m: _Models, n: int, seed: int, **kw: Any) -> list[Chunk]:
+    g = torch.Generator(device=m.device).manual_seed(seed)
     chunks = []
     for chunk in stream(
-        model,
-        text,
+        m.dit,
+        m.text,
         num_chunks=n,
-        latent_shape=preset.latent_shape()[1:],
-        schedule=preset.schedule(),
-        timesteps=preset.student_timesteps,
-        vae=vae,
+        latent_shape=m.preset.latent_shape()[1:],
+        schedule=m.preset.schedule(),
+        timesteps=m.preset.student_timesteps,
+        vae=m.vae,
         generator=g,
         **kw,
     ):
-        _sync(text[0].device)
+        _sync(m.device)
         chunks.append(chunk)
     return chunks
 
 
-def _best_rollout(repeats: int, run: Callable[[], list[Chunk]]) -> tuple[list[float], int, float]:
-    """Per-chunk minimum seconds over repeats, frames produced, and the best time to the first frame."""
-    best: list[float] | None = None
-    frames = 0
+def _student(m: _Models, repeats: int, run: Callable[[], list[Chunk]]) -> dict[str, Any]:
+    """Per-chunk minimum seconds (and decode seconds) over ``repeats`` rollouts."""
+    seconds: list[float] | None = None
+    decode: list[float] | None = None
     for _ in range(repeats):
         chunks = run()
-        seconds = [c.seconds for c in chunks]
-        best = seconds if best is None else [min(a, b) for a, b in zip(best, seconds)]
-        frames = sum(c.video.shape[1] for c in chunks)
-    assert best is not None
-    return best, frames, best[0]
+        now = [c.seconds for c in chunks]
+        now_decode = [c.decode_seconds for c in chunks]
+        seconds = now if seconds is None else [min(a, b) for a, b in zip(seconds, now)]
+        decode = now_decode if decode is None else [min(a, b) for a, b in zip(decode, now_decode)]
+    assert seconds is not None and decode is not None
+    frames = sum(c.video.shape[1] for c in chunks if c.video is not None)
+    return {
+        "chunks": len(chunks),
+        "frames": frames,
+        "video_seconds": frames / m.preset.fps,
+        "wall_seconds": sum(seconds),
+        "fps": frames / sum(seconds),
+        "first_frame_latency_s": seconds[0],
+        "vae_decode_fraction": sum(decode) / sum(seconds),
+        "chunk_seconds": seconds,
+        "decode_seconds": decode,
+    }
+
+
+def _teacher(m: _Models, latent_frames: int, steps: int, guidance: float, seed: int) -> dict[str, Any]:
+    """The whole clip at once: ``steps`` bidirectional CFG steps, then one VAE decode; its first frame exists only
+    at the end, so its latency is its whole time (timed once, after a one-step warm-up)."""
+    _, c, h, w = m.preset.latent_shape()
+    noise = torch.randn(1, latent_frames, c, h, w, device=m.device, generator=torch.Generator(m.device).manual_seed(seed))
+
+    def run(num_steps: int) -> torch.Tensor:
+        traj = teacher_sample(m.dit, m.text, noise, m.preset.schedule(), num_steps=num_steps, guidance_scale=guidance)
+        with torch.no_grad():
+            return m.vae.decode(traj.x0)
+
+    run(1)
+    _sync(m.device)
+    start = time.perf_counter()
+    video = run(steps)
+    _sync(m.device)
+    seconds = time.perf_counter() - start
+    return {
+        "steps": steps,
+        "guidance_scale": guidance,
+        "latent_frames": latent_frames,
+        "frames": video.shape[1],
+        "seconds": seconds,
+        "first_frame_latency_s": seconds,
+        "fps": video.shape[1] / seconds,
+    }
+
+
+def _dit_forward(m: _Models, rate: float) -> dict[str, Any]:
+    """FLOP/s of one teacher step's DiT forward (the CFG batch of 2 over a training clip) against ``rate``."""
+    f, c, h, w = m.preset.latent_shape()
+    x2 = torch.randn(2, f, c, h, w, device=m.device)
+    t2 = torch.full((2, f), 0.5, device=m.device)
+    text2 = (torch.cat([m.text[0], m.text[0]]), torch.cat([m.text[1], m.text[1]]))
+    flops = forward_flops(m.dit, x2, t2, *text2, mode="bidirectional")
+    with torch.no_grad():
+        seconds, _ = _timed(lambda: m.dit(x2, t2, *text2, mode="bidirectional"), m.device, repeats=5)
+    return {
+        "tokens": 2 * f * (h // m.preset.dit.patch[1]) * (w // m.preset.dit.patch[2]),
+        "flops": flops,
+        "seconds": seconds,
+        "flops_per_s": flops / seconds,
+        "matmul_flops_per_s": rate,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -116,61 +197,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = preset.build_dit(device)
     model.initialize(adaln_zero=False)
-    model.eval()
-    vae = preset.build_vae(device).eval()
-    text = (
-        torch.randn(1, preset.text_len, preset.text_dim, device=device),
-        torch.ones(1, preset.text_len, dtype=torch.bool, device=device),
+    m = _Models(
+        preset,
+        model.eval(),
+        preset.build_vae(device).eval(),
+        (
+            torch.randn(1, preset.text_len, preset.text_dim, device=device),
+            torch.ones(1, preset.text_len, dtype=torch.bool, device=device),
+        ),
+        device,
     )
-    f, c, h, w = preset.latent_shape()
-    noise = torch.randn(1, f, c, h, w, device=device)
 
-    def teacher() -> torch.Tensor:
-        traj = teacher_sample(model, text, noise, preset.schedule(), num_steps=steps, guidance_scale=guidance)
-        with torch.no_grad():
-            return vae.decode(traj.x0)
-
-    teacher_seconds, video = _timed(teacher, device)
-    teacher_frames = video.shape[1]
-
-    rollouts: dict[str, Any] = {}
-    for seconds in args.seconds:
-        n = preset.chunks_for(seconds)
-        per_chunk, frames, first = _best_rollout(
-            args.repeats, lambda n=n: _rollout(preset, model, vae, text, n, args.seed, window_chunks=window)
-        )
-        rollouts[f"{seconds:g}s"] = {
-            "chunks": n,
-            "frames": frames,
-            "video_seconds": frames / preset.fps,
-            "wall_seconds": sum(per_chunk),
-            "fps": frames / sum(per_chunk),
-            "first_frame_latency_s": first,
-            "chunk_seconds": per_chunk,
-        }
+    n_video = preset.chunks_for(args.video_seconds)
+    _rollout(m, 2, args.seed, window_chunks=window)
+    student = _student(m, args.repeats, lambda: _rollout(m, n_video, args.seed, window_chunks=window))
+    n_long = preset.chunks_for(args.long_seconds)
+    long = _student(m, args.repeats, lambda: _rollout(m, n_long, args.seed, window_chunks=window))
     n_ref = preset.chunks_for(args.reference_seconds)
-    ref_chunks, _, _ = _best_rollout(
-        1, lambda: _rollout(preset, model, vae, text, n_ref, args.seed, window_chunks=window, use_cache=False)
-    )
+    reference = _student(m, 1, lambda: _rollout(m, n_ref, args.seed, window_chunks=window, use_cache=False))
+    teacher = _teacher(m, n_video * preset.chunk_frames, steps, guidance, args.seed)
+    teacher_clip = _teacher(m, preset.clip_latent_frames, steps, guidance, args.seed)
 
-    # The DiT forward of one teacher step (CFG batch of 2 over the whole clip) and of one student step.
-    x2 = torch.cat([noise, noise])
-    t2 = torch.full((2, f), 0.5, device=device)
-    text2 = (torch.cat([text[0], text[0]]), torch.cat([text[1], text[1]]))
-    teacher_flops = forward_flops(model, x2, t2, *text2, mode="bidirectional")
-    with torch.no_grad():
-        teacher_fwd, _ = _timed(lambda: model(x2, t2, *text2, mode="bidirectional"), device, repeats=5)
-    rate = matmul_rate(device)
-    with torch.no_grad():
-        chunk_latents = noise[:, : preset.chunk_frames]
-        decoder = vae.stream_decoder()
-        decoder.push(chunk_latents)
-        decode_seconds, _ = _timed(lambda: decoder.push(chunk_latents), device, repeats=3)
-    longest = rollouts[f"{max(args.seconds):g}s"]
-    shortest = rollouts[f"{min(args.seconds):g}s"]
-    teacher_latency = teacher_seconds
-    teacher_fps = teacher_frames / teacher_seconds
-    dit_rate = teacher_flops / teacher_fwd
+    rates = {"fp32": matmul_rate(device)}
+    if has_native_bf16(device):
+        rates["bf16"] = matmul_rate(device, dtype=torch.bfloat16)
+    dit_forward = _dit_forward(m, rates.get("bf16", rates["fp32"]))
     return {
         "preset": preset.name,
         "device": str(device),
@@ -179,39 +230,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "matmul_flops_per_s": rates,
         },
         "dit_parameters": model.num_parameters(),
-        "teacher": {
-            "steps": steps,
-            "guidance_scale": guidance,
-            "clip_latent_frames": f,
-            "clip_frames": teacher_frames,
-            "seconds": teacher_seconds,
-            "first_frame_latency_s": teacher_latency,
-            "fps": teacher_fps,
-        },
+        "video_seconds": args.video_seconds,
+        "teacher": teacher,
         "student": {
             "steps": len(preset.student_timesteps),
             "chunk_latent_frames": preset.chunk_frames,
             "window_chunks": window,
-            "vae_decode_seconds_per_chunk": decode_seconds,
-            "rollouts": rollouts,
+            **student,
         },
+        "short_clip": {
+            "teacher": teacher_clip,
+            "latency_ratio": teacher_clip["first_frame_latency_s"] / student["first_frame_latency_s"],
+            "throughput_ratio": student["fps"] / teacher_clip["fps"],
+        },
+        "long_rollout": long,
         "reference_no_cache": {
             "chunks": n_ref,
-            "chunk_seconds": ref_chunks,
-            "growth": ref_chunks[-1] / ref_chunks[0],
+            "chunk_seconds": reference["chunk_seconds"],
+            "growth": reference["chunk_seconds"][-1] / reference["chunk_seconds"][0],
         },
-        "dit_forward": {
-            "tokens": 2 * f * (h // preset.dit.patch[1]) * (w // preset.dit.patch[2]),
-            "flops": teacher_flops,
-            "seconds": teacher_fwd,
-            "flops_per_s": dit_rate,
-            "matmul_flops_per_s": rate,
-        },
-        "latency_ratio": teacher_latency / shortest["first_frame_latency_s"],
-        "throughput_ratio": longest["fps"] / teacher_fps,
-        "chunk_time_growth": longest["chunk_seconds"][-1] / longest["chunk_seconds"][0],
-        "matmul_fraction": dit_rate / rate,
+        "dit_forward": dit_forward,
+        "latency_ratio": teacher["first_frame_latency_s"] / student["first_frame_latency_s"],
+        "throughput_ratio": student["fps"] / teacher["fps"],
+        "chunk_time_growth": long["chunk_seconds"][-1] / long["chunk_seconds"][0],
+        "matmul_fraction": dit_forward["flops_per_s"] / dit_forward["matmul_flops_per_s"],
+        "vae_decode_fraction": student["vae_decode_fraction"],
+        "student_fps": student["fps"],
         "targets": TARGETS,
     }

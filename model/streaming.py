@@ -31,13 +31,15 @@ TextSource = Text | Callable[[int], Text]
 @dataclass
 class Chunk:
     """One streamed chunk: clean ``latents [B, k, C, h, w]``, decoded ``video [B, T_k, 3, H, W]`` in [-1, 1]
-    (None without a VAE), whether it was ``given`` (context) rather than generated, and its wall ``seconds``."""
+    (None without a VAE), whether it was ``given`` (context) rather than generated, its wall ``seconds`` and the
+    part of them its VAE decode took (``decode_seconds``, the paper's named latency bound)."""
 
     index: int
     latents: Tensor
     video: Tensor | None
     given: bool
     seconds: float
+    decode_seconds: float = 0.0
 
 
 @torch.no_grad()
@@ -108,8 +110,9 @@ def stream(
         for start in range(0, context.shape[1], k):
             t0 = time.perf_counter()
             clean = context[:, start : start + k]
-            video = roller.commit(clean, text_at(index))
-            yield Chunk(index, clean, video, True, time.perf_counter() - t0)
+            roller.commit(clean, text_at(index))
+            video, decode_seconds = roller.decode(clean)
+            yield Chunk(index, clean, video, True, time.perf_counter() - t0, decode_seconds)
             index += 1
 
     input_iter = iter(inputs) if inputs is not None else None
@@ -130,8 +133,9 @@ def stream(
             clean = roller.denoise_student(noise, schedule.student_times(timesteps).tolist(), (emb, mask), generator)
         else:
             clean = roller.denoise_euler(noise, schedule.sampling_times(num_steps), (emb, mask))
-        video = roller.commit(clean, (emb, mask))
-        yield Chunk(index, clean, video, False, time.perf_counter() - t0)
+        roller.commit(clean, (emb, mask))
+        video, decode_seconds = roller.decode(clean)
+        yield Chunk(index, clean, video, False, time.perf_counter() - t0, decode_seconds)
         index += 1
 
 
@@ -191,12 +195,20 @@ class _Rollout:
         return x
 
     @torch.no_grad()
-    def commit(self, clean: Tensor, text: Text) -> Tensor | None:
-        """Append a clean chunk: one t = 0 pass into the cache (or keep it for recompute), then decode its pixels."""
+    def commit(self, clean: Tensor, text: Text) -> None:
+        """Append a clean chunk: one t = 0 pass into the cache (or keep it for recompute)."""
         if self.cache is not None:
             self.velocity(clean, 0.0, text, update_cache=True)
         else:
             self.past.append(clean)
+
+    @torch.no_grad()
+    def decode(self, clean: Tensor) -> tuple[Tensor | None, float]:
+        """The chunk's pixels from the streaming decoder (None without a VAE) and the seconds the decode took."""
         if self.decoder is None:
-            return None
-        return self.decoder.push(clean).clamp(-1.0, 1.0)
+            return None, 0.0
+        start = time.perf_counter()
+        video = self.decoder.push(clean).clamp(-1.0, 1.0)
+        if video.device.type == "cuda":
+            torch.cuda.synchronize(video.device)
+        return video, time.perf_counter() - start

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 
 from model import bench
-from model.presets import get_preset
+
+ARGS = ["--teacher-steps", "2", "--video-seconds", "1", "--long-seconds", "2", "--reference-seconds", "1"]
 
 
 def test_benchmark_reports_every_figure() -> None:
-    result = bench.main(["--teacher-steps", "2", "--seconds", "1", "2", "--reference-seconds", "1", "--threads", "1"])
+    result = bench.main([*ARGS, "--repeats", "1", "--threads", "1"])
     json.dumps(result)
-    for key in ("latency_ratio", "throughput_ratio", "chunk_time_growth", "matmul_fraction"):
+    for key in ("latency_ratio", "throughput_ratio", "chunk_time_growth", "matmul_fraction", "student_fps"):
         assert result[key] > 0
-    rollouts = result["student"]["rollouts"]
-    assert set(rollouts) == {"1s", "2s"} and rollouts["2s"]["frames"] == 33
-    assert len(result["reference_no_cache"]["chunk_seconds"]) == 2  # 1 s = 12 frames needs two chunks
-    assert result["teacher"]["clip_frames"] == get_preset("tiny").clip_frames
+    assert 0 < result["vae_decode_fraction"] < 1
+    # 1 s = 12 frames needs 2 chunks of 3 latent frames: 1 + 4 * 5 = 21 frames, the teacher's clip the same
+    assert result["student"]["frames"] == result["teacher"]["frames"] == 21
+    assert result["long_rollout"]["frames"] == 33 and len(result["reference_no_cache"]["chunk_seconds"]) == 2
+    assert result["short_clip"]["teacher"]["frames"] == 33 and result["short_clip"]["latency_ratio"] > 0
     assert 0 < result["dit_forward"]["flops"] and result["dit_forward"]["matmul_flops_per_s"] > 0
