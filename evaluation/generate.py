@@ -27,6 +27,7 @@ from evaluation.request import Request, requested_seconds, validate
 from infra.config import PipelineConfig
 from infra.errors import UserError
 from model.dit import DiT
+from model.precision import Precision, default_precision, for_inference
 from model.presets import Preset, get_preset
 from model.streaming import stream
 from model.text import TextEncoder
@@ -89,15 +90,18 @@ class Generator:
         config: PipelineConfig | None = None,
         device: str | torch.device | None = None,
         text_encoder: TextEncoder | None = None,
+        precision: Precision | None = None,
     ) -> Generator:
-        """Load a student checkpoint (see :func:`resolve_checkpoint`) and its VAE; the preset comes from the weights."""
+        """Load a student checkpoint (see :func:`resolve_checkpoint`) and its VAE; the preset comes from the weights.
+        Both run in ``precision`` (default: bf16 where the device has it natively, see :mod:`model.precision`)."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint, vae=vae, config=config)
         payload = read_payload(ckpt.model_uri)
         if payload["kind"] != "dit":
             raise UserError(f"checkpoint {ckpt.model_uri} holds a {payload['kind']}, not a student DiT")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_from_payload(payload, mode="block_causal").to(device)
-        vae_model = build_from_payload(read_payload(ckpt.vae_uri)).to(device)
+        precision = precision or default_precision(device)
+        model = for_inference(build_from_payload(payload, mode="block_causal").to(device), precision)
+        vae_model = for_inference(build_from_payload(read_payload(ckpt.vae_uri)).to(device), precision)
         preset = get_preset(payload["preset"])
         text_path = config.model.text_path if config is not None else None
         encoder = text_encoder or preset.text_encoder_for(text_path, device=device)

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--vae", help="VAE model.pt (default: the one in the checkpoint's manifests)")
     generate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    generate.add_argument(
+        "--precision", choices=["fp32", "bf16"], help="weights' dtype (default: bf16 where the device has it natively)"
+    )
     generate.add_argument("--config", "-c", help="YAML config, to find MLflow run ids (default: configs/tiny.yaml)")
     generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
 
@@ -289,7 +292,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     validate(request)
-    generator = Generator.load(args.checkpoint, vae=args.vae, config=_load(args), device=args.device)
+    generator = Generator.load(
+        args.checkpoint, vae=args.vae, config=_load(args), device=args.device, precision=args.precision
+    )
     print(write_mp4(generator, request, args.out, progress=True))
     return 0
 

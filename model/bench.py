@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.dit import DiT
-from model.precision import has_native_bf16
+from model.precision import PRECISIONS, default_precision, for_inference, has_native_bf16
 from model.presets import Preset, get_preset
 from model.streaming import Chunk, stream, teacher_sample
 
@@ -50,6 +50,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="rollouts per length; per-chunk minimum is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, help="weights' dtype (default: bf16 where native)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -194,13 +195,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.teacher_steps or preset.teacher_steps
     guidance = preset.guidance_scale if args.guidance is None else args.guidance
     window = preset.window_chunks if args.window is None else args.window
+    precision = args.precision or default_precision(device)
     torch.manual_seed(args.seed)
     model = preset.build_dit(device)
     model.initialize(adaln_zero=False)
     m = _Models(
         preset,
-        model.eval(),
-        preset.build_vae(device).eval(),
+        for_inference(model, precision),
+        for_inference(preset.build_vae(device), precision),
         (
             torch.randn(1, preset.text_len, preset.text_dim, device=device),
             torch.ones(1, preset.text_len, dtype=torch.bool, device=device),
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if has_native_bf16(device):
         rates["bf16"] = matmul_rate(device, dtype=torch.bfloat16)
     dit_forward = _dit_forward(m, rates.get("bf16", rates["fp32"]))
+    dit_forward["precision"] = precision
     return {
         "preset": preset.name,
         "device": str(device),
@@ -232,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "matmul_flops_per_s": rates,
         },
+        "precision": precision,
         "dit_parameters": model.num_parameters(),
         "video_seconds": args.video_seconds,
         "teacher": teacher,

@@ -7,17 +7,20 @@ blocks by adaLN modulation. Self-attention is ``bidirectional`` or ``block_causa
 is the flow velocity ``eps - x0`` (see :mod:`model.schedule`).
 
 Incremental inference uses a :class:`KVCache`: one forward per chunk attends to the cached keys/values of earlier
-clean chunks; a forward with ``update_cache=True`` (the clean pass at t = 0) appends the chunk. Cached keys are
-stored *before* rotary embedding and rotated at every call with positions relative to the cache start (the oldest
-kept chunk, or the sink): the cached frames take frame positions ``0..n-1`` and the new chunk ``n..``. With a window
-of W chunks of k frames the largest position is ``(W + 1) * k - 1``, so a rollout of any length stays inside the
-range seen in training whenever ``(W + 1) * k`` is at most the training clip's latent frames. Rotary scores depend
-only on position differences, so without a sink this equals absolute positions exactly.
+clean chunks; a forward with ``update_cache=True`` (the clean pass at t = 0) appends the chunk. Positions are
+relative to the cache start (the oldest kept chunk, or the sink): the cached frames take frame positions ``0..n-1``
+and the new chunk ``n..``. With a window of W chunks of k frames the largest position is ``(W + 1) * k - 1``, so a
+rollout of any length stays inside the range seen in training whenever ``(W + 1) * k`` is at most the training
+clip's latent frames. Rotary scores depend only on position differences, so without a sink this equals absolute
+positions exactly. Cached keys are kept rotated: when the window drops a chunk, the keys after it are rotated back
+by its frames once, so no step re-rotates the cache. The cache also keeps the caption's cross-attention keys and
+values, computed once while the caption stays the same tensor.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,9 +74,13 @@ class DiTConfig:
         return self.dim // self.heads
 
 
+KeysValues = tuple[Tensor, Tensor]
+"""Attention keys and values, each ``[B, heads, N, head_dim]``."""
+
+
 @dataclass
 class LayerKV:
-    """Cached keys/values of one layer: ``[B, heads, N, head_dim]``, keys before rotary embedding."""
+    """Cached keys/values of one layer: ``[B, heads, N, head_dim]``, keys rotated at their cache positions."""
 
     k: Tensor | None = None
     v: Tensor | None = None
@@ -82,9 +89,10 @@ class LayerKV:
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
 
-    def drop_tokens(self, start: int, stop: int) -> None:
+    def drop_tokens(self, start: int, stop: int, rotary: Tensor) -> None:
+        """Drop tokens ``start:stop`` and rotate the keys after them by ``rotary`` (``[1, head_dim // 2]``)."""
         assert self.k is not None and self.v is not None
-        self.k = torch.cat([self.k[:, :, :start], self.k[:, :, stop:]], dim=2)
+        self.k = torch.cat([self.k[:, :, :start], apply_rope(self.k[:, :, stop:], rotary)], dim=2)
         self.v = torch.cat([self.v[:, :, :start], self.v[:, :, stop:]], dim=2)
 
 
@@ -101,6 +109,8 @@ class KVCache:
     chunk_frames: list[int] = field(default_factory=list)
     tokens_per_frame: int = 0
     chunks_seen: int = 0
+    text: tuple[Tensor, Tensor, int] | None = None
+    text_kv: list[KeysValues] = field(default_factory=list)
 
     @classmethod
     def empty(cls, depth: int, window_chunks: int | None = None, sink: bool = False) -> KVCache:
@@ -112,8 +122,20 @@ class KVCache:
     def num_frames(self) -> int:
         return sum(self.chunk_frames)
 
-    def commit(self, frames: int, tokens_per_frame: int) -> None:
-        """Record a chunk of ``frames`` frames whose keys every layer has just appended, then evict."""
+    def caption_kv(self, text: Tensor, mask: Tensor) -> list[KeysValues] | None:
+        """The kept per-layer cross-attention keys/values if they were made from this very caption, else None."""
+        if self.text is None:
+            return None
+        kept_text, kept_mask, version = self.text
+        same = kept_text is text and kept_mask is mask and version == text._version + mask._version
+        return self.text_kv if same else None
+
+    def keep_caption_kv(self, text: Tensor, mask: Tensor, kv: list[KeysValues]) -> None:
+        self.text, self.text_kv = (text, mask, text._version + mask._version), kv
+
+    def commit(self, frames: int, tokens_per_frame: int, frame_rotary: Callable[[int], Tensor]) -> None:
+        """Record a chunk of ``frames`` frames whose keys every layer has just appended, then evict; the keys
+        after an evicted chunk move back by its frames (``frame_rotary(shift)``: the rotary of a frame shift)."""
         if self.tokens_per_frame and tokens_per_frame != self.tokens_per_frame:
             raise ValueError("chunk resolution differs from the cached chunks")
         self.tokens_per_frame = tokens_per_frame
@@ -123,8 +145,9 @@ class KVCache:
             idx = 1 if self.sink else 0
             start = sum(self.chunk_frames[:idx]) * tokens_per_frame
             stop = start + self.chunk_frames[idx] * tokens_per_frame
+            rotary = frame_rotary(-self.chunk_frames[idx])
             for layer in self.layers:
-                layer.drop_tokens(start, stop)
+                layer.drop_tokens(start, stop, rotary)
             del self.chunk_frames[idx]
 
 
@@ -146,7 +169,8 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_angles(frames: Tensor, rows: int, cols: int, head_dim: int, theta: float) -> Tensor:
-    """Angles ``[len(frames) * rows * cols, head_dim // 2]`` for tokens in (frame, row, column) order."""
+    """Angles ``[len(frames) * rows * cols, head_dim // 2]`` for tokens in (frame, row, column) order; row and
+    column 0 only when ``rows = cols = 1`` (a shift along frames)."""
     device = frames.device
     parts = []
     for n_pairs, pos in zip(
@@ -167,13 +191,15 @@ def rope_angles(frames: Tensor, rows: int, cols: int, head_dim: int, theta: floa
     return grid.reshape(f * h * w, -1).float()
 
 
-def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate adjacent pairs of ``x [B, H, N, Dh]`` by ``angles [N, Dh // 2]``."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+def rope_rotary(angles: Tensor) -> Tensor:
+    """Unit complex numbers ``[N, Dh // 2]`` of ``angles``: computed once per forward, shared by every layer."""
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: Tensor, rotary: Tensor) -> Tensor:
+    """Rotate adjacent pairs of ``x [B, H, N, Dh]`` (as complex numbers, in fp32) by ``rotary [N, Dh // 2]``."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotary).flatten(-2).type_as(x)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -198,16 +224,16 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        angles: Tensor,
+        rotary: Tensor,
         layout: BlockCausalLayout | None,
         cache: LayerKV | None,
         update_cache: bool,
     ) -> Tensor:
-        """``x: [B, N, D]``; ``angles`` cover the cached tokens then the N new ones; ``layout`` restricts which
-        keys each chunk's queries see (None: all)."""
+        """``x: [B, N, D]``; ``rotary [N, head_dim // 2]`` at the N new tokens' positions; ``layout`` restricts
+        which keys each chunk's queries see (None: all)."""
         split = "b n (h d) -> b h n d"
-        q = rearrange(self.norm_q(self.q(x)), split, h=self.heads)
-        k = rearrange(self.norm_k(self.k(x)), split, h=self.heads)
+        q = apply_rope(rearrange(self.norm_q(self.q(x)), split, h=self.heads), rotary)
+        k = apply_rope(rearrange(self.norm_k(self.k(x)), split, h=self.heads), rotary)
         v = rearrange(self.v(x), split, h=self.heads)
         k_all, v_all = k, v
         if cache is not None and cache.k is not None:
@@ -215,9 +241,6 @@ class SelfAttention(nn.Module):
             v_all = torch.cat([cache.v, v], dim=2)
         if cache is not None and update_cache:
             cache.append(k, v)
-        n = x.shape[1]
-        q = apply_rope(q, angles[-n:])
-        k_all = apply_rope(k_all, angles)
         if layout is None:
             out = F.scaled_dot_product_attention(q, k_all, v_all)
         else:
@@ -237,13 +260,16 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
-        """``x: [B, N, D]``, ``context: [B, L, D]``, ``context_mask: [B, L]`` (True = real token; unused by Wan,
-        whose queries see the padded positions too)."""
+    def keys_values(self, context: Tensor) -> KeysValues:
+        """Keys and values of the caption ``context [B, L, D]``: the same for every step while the caption holds."""
         split = "b n (h d) -> b h n d"
-        q = rearrange(self.norm_q(self.q(x)), split, h=self.heads)
-        k = rearrange(self.norm_k(self.k(context)), split, h=self.heads)
-        v = rearrange(self.v(context), split, h=self.heads)
+        return rearrange(self.norm_k(self.k(context)), split, h=self.heads), rearrange(self.v(context), split, h=self.heads)
+
+    def forward(self, x: Tensor, context_kv: KeysValues, context_mask: Tensor) -> Tensor:
+        """``x: [B, N, D]``, ``context_kv`` of the caption, ``context_mask: [B, L]`` (True = real token; unused by
+        Wan, whose queries see the padded positions too)."""
+        q = rearrange(self.norm_q(self.q(x)), "b n (h d) -> b h n d", h=self.heads)
+        k, v = context_kv
         mask = context_mask[:, None, None, :] if self.masked else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
@@ -268,9 +294,9 @@ class DiTBlock(nn.Module):
         self,
         x: Tensor,
         e: Tensor,
-        context: Tensor,
+        context_kv: KeysValues,
         context_mask: Tensor,
-        angles: Tensor,
+        rotary: Tensor,
         layout: BlockCausalLayout | None,
         cache: LayerKV | None,
         update_cache: bool,
@@ -285,9 +311,9 @@ class DiTBlock(nn.Module):
         def gated(h: Tensor, gate: Tensor) -> Tensor:
             return (h.view(b, f, -1, h.shape[-1]) * gate).view_as(h)
 
-        h = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, layout, cache, update_cache)
+        h = self.self_attn(modulate(self.norm1(x), shift1, scale1), rotary, layout, cache, update_cache)
         x = x + gated(h, gate1)
-        x = x + self.cross_attn(self.norm3(x), context, context_mask)
+        x = x + self.cross_attn(self.norm3(x), context_kv, context_mask)
         x = x + gated(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
         return x
 
@@ -404,12 +430,17 @@ class DiT(nn.Module):
         tokens = self.embed_patches(x.to(self.head.weight.dtype))
         e = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(tokens.dtype))
         e_mod = self.time_proj(e).unflatten(-1, (6, cfg.dim))
-        context = self.text_embed(text.to(tokens.dtype))
+        context_kv = cache.caption_kv(text, text_mask) if cache is not None else None
+        if context_kv is None:
+            context = self.text_embed(text.to(tokens.dtype))
+            context_kv = [block.cross_attn.keys_values(context) for block in self.blocks]
+            if cache is not None:
+                cache.keep_caption_kv(text, text_mask, context_kv)
         context_mask = text_mask.bool() | ~text_mask.bool().any(-1, keepdim=True)
 
         past = cache.num_frames if cache is not None else 0
-        frames = torch.arange(past + f, device=x.device)
-        angles = rope_angles(frames, gh, gw, cfg.head_dim, cfg.rope_theta)
+        frames = torch.arange(past, past + f, device=x.device)
+        rotary = rope_rotary(rope_angles(frames, gh, gw, cfg.head_dim, cfg.rope_theta))
         layout = None
         if mode == "block_causal":
             layout = BlockCausalLayout.of(
@@ -418,13 +449,13 @@ class DiT(nn.Module):
 
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            args = (tokens, e_mod, context, context_mask, angles, layout, layer_cache, update_cache)
+            args = (tokens, e_mod, context_kv[i], context_mask, rotary, layout, layer_cache, update_cache)
             if self.gradient_checkpointing and self.training and cache is None:
                 tokens = checkpoint(block, *args, use_reentrant=False)
             else:
                 tokens = block(*args)
         if cache is not None and update_cache:
-            cache.commit(f, tokens_per_frame)
+            cache.commit(f, tokens_per_frame, self.frame_rotary)
 
         shift, scale = (self.head_modulation + e[:, :, None]).unsqueeze(3).unbind(2)
         h = self.head_norm(tokens).view(b, f, tokens_per_frame, -1) * (1 + scale) + shift
@@ -439,6 +470,11 @@ class DiT(nn.Module):
         if isinstance(self.patch_embed, nn.Conv3d):
             return rearrange(self.patch_embed(rearrange(x, "b f c h w -> b c f h w")), "b d f h w -> b (f h w) d")
         return self.patch_embed(rearrange(x, "b f c (h p) (w q) -> b (f h w) (c p q)", p=ph, q=pw))
+
+    def frame_rotary(self, shift: int) -> Tensor:
+        """Rotary ``[1, head_dim // 2]`` that moves a key by ``shift`` frames (rows and columns unchanged)."""
+        frames = torch.tensor([shift], device=self.head.weight.device)
+        return rope_rotary(rope_angles(frames, 1, 1, self.cfg.head_dim, self.cfg.rope_theta))
 
     def new_cache(self, window_chunks: int | None = None, sink: bool = False) -> KVCache:
         return KVCache.empty(self.cfg.depth, window_chunks=window_chunks, sink=sink)

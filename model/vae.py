@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from model.precision import weights_dtype
+
 ConvCache = dict[nn.Module, Tensor]
 """Per-module streaming state: the trailing input frames of each causal convolution, ``[B, C, k-1, H, W]``."""
 
@@ -274,7 +276,8 @@ class VAE(LatentNormalization, nn.Module):
     def _posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
         """Raw (unnormalised) posterior ``(mean, logvar)``, each ``[B, F, C, h, w]`` (logvar = -inf without KL)."""
         self.cfg.latent_frames(video.shape[1])
-        h = rearrange(self.encoder(rearrange(video, "b t c h w -> b c t h w")), "b c f h w -> b f c h w")
+        x = rearrange(video.to(weights_dtype(self)), "b t c h w -> b c t h w")
+        h = rearrange(self.encoder(x), "b c f h w -> b f c h w")
         if not self.cfg.kl:
             return h, torch.full_like(h, float("-inf"))
         mean, logvar = h.chunk(2, dim=2)
@@ -288,8 +291,8 @@ class VAE(LatentNormalization, nn.Module):
         self.latent_std.copy_(per_channel.std(dim=1).clamp_min(1e-6))
 
     def encode_distribution(self, video: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior ``(mean, logvar)`` of normalised latents, each ``[B, F, C, h, w]``."""
-        mean, logvar = self._posterior(video)
+        """Posterior ``(mean, logvar)`` of normalised latents, each ``[B, F, C, h, w]`` in the video's dtype."""
+        mean, logvar = (p.to(video.dtype) for p in self._posterior(video))
         return self.normalize(mean), logvar - 2 * torch.log(self._channels(self.latent_std, logvar))
 
     def encode(self, video: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
@@ -304,13 +307,14 @@ class VAE(LatentNormalization, nn.Module):
         """Unnormalised posterior means ``[B, F, C, h, w]``, for :meth:`set_latent_stats`."""
         return self._posterior(video)[0]
 
-    def _decode_raw(self, raw: Tensor) -> Tensor:
-        return rearrange(self.decoder(rearrange(raw, "b f c h w -> b c f h w")), "b c t h w -> b t c h w")
+    def _decode_raw(self, raw: Tensor, cache: ConvCache | None = None) -> Tensor:
+        z = rearrange(raw.to(weights_dtype(self)), "b f c h w -> b c f h w")
+        return rearrange(self.decoder(z, cache), "b c t h w -> b t c h w")
 
     def decode(self, latents: Tensor) -> Tensor:
         """Whole-clip decode of normalised latents: ``[B, F, C, h, w] -> video [B, 1 + 4(F - 1), 3, H, W]``
-        (unclamped)."""
-        return self._decode_raw(self.denormalize(latents))
+        (unclamped, in the latents' dtype)."""
+        return self._decode_raw(self.denormalize(latents)).to(latents.dtype)
 
     def stream_decoder(self) -> StreamingDecoder:
         return StreamingDecoder(self)
@@ -366,8 +370,7 @@ class StreamingDecoder:
         self.cache: ConvCache = {}
 
     def push(self, latents: Tensor) -> Tensor:
-        z = rearrange(self.vae.denormalize(latents), "b f c h w -> b c f h w")
-        return rearrange(self.vae.decoder(z, self.cache), "b c t h w -> b t c h w")
+        return self.vae._decode_raw(self.vae.denormalize(latents), self.cache).to(latents.dtype)
 
 
 class StreamingEncoder:
@@ -394,7 +397,7 @@ class StreamingEncoder:
     @torch.no_grad()
     def push(self, video: Tensor) -> Tensor:
         encoder, cfg = self.vae.encoder, self.vae.cfg
-        h = encoder.conv_in(rearrange(video, "b t c h w -> b c t h w"), self.cache)
+        h = encoder.conv_in(rearrange(video.to(weights_dtype(encoder)), "b t c h w -> b c t h w"), self.cache)
         for level in encoder.levels:
             for block in level["blocks"]:
                 h = block(h, self.cache)
@@ -402,4 +405,4 @@ class StreamingEncoder:
                 h = self._down(level["down"], h)
         h = encoder.conv_out(encoder.mid(h, self.cache), self.cache)
         mean = h[:, : cfg.latent_channels] if cfg.kl else h
-        return self.vae.normalize(rearrange(mean, "b c f h w -> b f c h w"))
+        return self.vae.normalize(rearrange(mean.to(video.dtype), "b c f h w -> b f c h w"))

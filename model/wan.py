@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from model.dit import DiT, DiTConfig
+from model.precision import weights_dtype
 from model.vae import CausalFrames, LatentNormalization
 
 WAN_TEXT_LEN = 512
@@ -199,13 +200,14 @@ class WanStreamingDecoder:
     @torch.no_grad()
     def push(self, latents: Tensor) -> Tensor:
         model = self.vae.model
-        z = model.post_quant_conv(rearrange(self.vae.denormalize(latents), "b f c h w -> b c f h w"))
+        raw = self.vae.denormalize(latents).to(weights_dtype(model))
+        z = model.post_quant_conv(rearrange(raw, "b f c h w -> b c f h w"))
         out = []
         for i in range(z.shape[2]):
             first = not self.started
             out.append(model.decoder(z[:, :, i : i + 1], feat_cache=self.cache, feat_idx=[0], first_chunk=first))
             self.started = True
-        return rearrange(torch.cat(out, dim=2), "b c t h w -> b t c h w")
+        return rearrange(torch.cat(out, dim=2), "b c t h w -> b t c h w").to(latents.dtype)
 
 
 class WanStreamingEncoder:
@@ -220,7 +222,7 @@ class WanStreamingEncoder:
     @torch.no_grad()
     def push(self, video: Tensor) -> Tensor:
         model = self.vae.model
-        x = rearrange(video, "b t c h w -> b c t h w")
+        x = rearrange(video.to(weights_dtype(model)), "b t c h w -> b c t h w")
         groups = []
         if not self.started:
             groups.append(x[:, :, :1])
@@ -233,7 +235,7 @@ class WanStreamingEncoder:
         out = [model.encoder(g, feat_cache=self.cache, feat_idx=[0]) for g in groups]
         h = model.quant_conv(torch.cat(out, dim=2))
         mean = h[:, : self.vae.cfg.latent_channels]
-        return self.vae.normalize(rearrange(mean, "b c f h w -> b f c h w"))
+        return self.vae.normalize(rearrange(mean.to(video.dtype), "b c f h w -> b f c h w"))
 
 
 def vae_from_diffusers(vae_or_path: nn.Module | str | Path) -> WanVAE:
