@@ -3,7 +3,8 @@
 pixels by the VAE; latency is the time to the first decoded frame, throughput frames per second over the video.
 
 The teacher on one training clip is kept as a second, shorter figure; beside them: the per-chunk cost over a
-30-second rollout, the no-cache reference, the VAE decode's share of a chunk and the DiT's achieved FLOP/s
+30-second rollout (``chunk_time_growth``: its last chunk against its first steady one, the window full and
+evicting; earlier chunks see a smaller cache and chunk 0 has no cache pass to make), the no-cache reference, the VAE decode's share of a chunk and the DiT's achieved FLOP/s
 against the machine's dense matmul rate (bf16 where the device has it). ``main(argv) -> dict`` (the
 ``causvid bench inference`` command prints it as JSON). Random weights are enough: every figure is a wall-clock
 time of the real computation, measured once in this process on this machine.
@@ -28,6 +29,7 @@ from model.precision import PRECISIONS, default_precision, for_inference, has_na
 from model.presets import Preset, get_preset
 from model.streaming import Chunk, stream, teacher_sample
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 TARGETS = {
     "latency_ratio": 200.0,
     "throughput_ratio": 20.0,
@@ -52,6 +54,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, help="weights' dtype (default: bf16 where native)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="wall",
+        help="wall: elapsed seconds; cpu: this process's CPU seconds (with --threads 1 the compute alone, for a "
+        "machine shared with other work)",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,24 +69,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1) -> tuple[float, Any]:
-    """Best wall time of ``repeats`` calls (after one warm-up call) and the last result."""
+def _timed(
+    fn: Callable[[], Any], device: torch.device, repeats: int = 1, clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, Any]:
+    """Best time of ``repeats`` calls (after one warm-up call) on ``clock``, and the last result."""
     out = fn()
     best = math.inf
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         out = fn()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best, out
 
 
-def matmul_rate(device: torch.device, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+def matmul_rate(
+    device: torch.device,
+    n: int = 1024,
+    dtype: torch.dtype = torch.float32,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Dense matmul FLOP/s of this machine: the best of a few ``n x n`` products."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds, _ = _timed(lambda: a @ b, device, repeats=5)
+    seconds, _ = _timed(lambda: a @ b, device, repeats=5, clock=clock)
     return 2 * n**3 / seconds
 
 
@@ -94,6 +110,7 @@ class _Models:
     vae: torch.nn.Module
     text: tuple[torch.Tensor, torch.Tensor]
     device: torch.device
+    clock: Callable[[], float]
 
 
 def _rollout(m: _Models, n: int, seed: int, **kw: Any) -> list[Chunk]:
@@ -108,6 +125,7 @@ def _rollout(m: _Models, n: int, seed: int, **kw: Any) -> list[Chunk]:
         timesteps=m.preset.student_timesteps,
         vae=m.vae,
         generator=g,
+        clock=m.clock,
         **kw,
     ):
         _sync(m.device)
@@ -153,10 +171,10 @@ def _teacher(m: _Models, latent_frames: int, steps: int, guidance: float, seed: 
 
     run(1)
     _sync(m.device)
-    start = time.perf_counter()
+    start = m.clock()
     video = run(steps)
     _sync(m.device)
-    seconds = time.perf_counter() - start
+    seconds = m.clock() - start
     return {
         "steps": steps,
         "guidance_scale": guidance,
@@ -176,7 +194,7 @@ def _dit_forward(m: _Models, rate: float) -> dict[str, Any]:
     text2 = (torch.cat([m.text[0], m.text[0]]), torch.cat([m.text[1], m.text[1]]))
     flops = forward_flops(m.dit, x2, t2, *text2, mode="bidirectional")
     with torch.no_grad():
-        seconds, _ = _timed(lambda: m.dit(x2, t2, *text2, mode="bidirectional"), m.device, repeats=5)
+        seconds, _ = _timed(lambda: m.dit(x2, t2, *text2, mode="bidirectional"), m.device, repeats=5, clock=m.clock)
     return {
         "tokens": 2 * f * (h // m.preset.dit.patch[1]) * (w // m.preset.dit.patch[2]),
         "flops": flops,
@@ -208,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.ones(1, preset.text_len, dtype=torch.bool, device=device),
         ),
         device,
+        CLOCKS[args.clock],
     )
 
     n_video = preset.chunks_for(args.video_seconds)
@@ -220,9 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher = _teacher(m, n_video * preset.chunk_frames, steps, guidance, args.seed)
     teacher_clip = _teacher(m, preset.clip_latent_frames, steps, guidance, args.seed)
 
-    rates = {"fp32": matmul_rate(device)}
+    rates = {"fp32": matmul_rate(device, clock=m.clock)}
     if has_native_bf16(device):
-        rates["bf16"] = matmul_rate(device, dtype=torch.bfloat16)
+        rates["bf16"] = matmul_rate(device, dtype=torch.bfloat16, clock=m.clock)
     dit_forward = _dit_forward(m, rates.get("bf16", rates["fp32"]))
     dit_forward["precision"] = precision
     return {
@@ -236,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "matmul_flops_per_s": rates,
         },
         "precision": precision,
+        "clock": args.clock,
         "dit_parameters": model.num_parameters(),
         "video_seconds": args.video_seconds,
         "teacher": teacher,
@@ -250,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "latency_ratio": teacher_clip["first_frame_latency_s"] / student["first_frame_latency_s"],
             "throughput_ratio": student["fps"] / teacher_clip["fps"],
         },
-        "long_rollout": long,
+        "long_rollout": {**long, "growth_from_first_chunk": long["chunk_seconds"][-1] / long["chunk_seconds"][0]},
         "reference_no_cache": {
             "chunks": n_ref,
             "chunk_seconds": reference["chunk_seconds"],
@@ -259,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dit_forward": dit_forward,
         "latency_ratio": teacher["first_frame_latency_s"] / student["first_frame_latency_s"],
         "throughput_ratio": student["fps"] / teacher["fps"],
-        "chunk_time_growth": long["chunk_seconds"][-1] / long["chunk_seconds"][0],
+        "chunk_time_growth": long["chunk_seconds"][-1] / long["chunk_seconds"][min(window + 1, n_long - 1)],
         "matmul_fraction": dit_forward["flops_per_s"] / dit_forward["matmul_flops_per_s"],
         "vae_decode_fraction": student["vae_decode_fraction"],
         "student_fps": student["fps"],

@@ -2,8 +2,9 @@
 
 :func:`stream` is a generator. For each chunk of ``k`` latent frames it starts from noise, runs the student's few
 steps against the KV cache of earlier clean chunks (between steps: predict x0, re-noise to the next student time
-with fresh noise), runs the clean chunk once at t = 0 to append it to the cache, decodes its pixels with the
-streaming VAE decoder and yields it. The same loop serves the many-step causal baseline (``sampler="euler"``),
+with fresh noise), decodes its pixels with the streaming VAE decoder and yields it; the clean chunk's one pass at
+t = 0 that appends it to the cache runs when the next chunk is asked for, so pixels leave one DiT pass sooner and
+the last chunk skips it. The same loop serves the many-step causal baseline (``sampler="euler"``),
 the no-KV-cache reference (``use_cache=False``: recompute the whole past every chunk) and the zero-shot
 applications: a text per chunk (dynamic prompting), clean context latents (image-to-video, video extension) and
 encoded input chunks denoised from an intermediate time (streaming video-to-video).
@@ -89,6 +90,7 @@ def stream(
     context: Tensor | None = None,
     inputs: Iterable[Tensor] | None = None,
     input_timestep: int = 500,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[Chunk]:
     """Yield :class:`Chunk` s of a block-causal rollout, one chunk of ``chunk_frames`` latent frames at a time.
 
@@ -98,26 +100,29 @@ def stream(
     split into chunks of ``chunk_frames``. ``inputs`` yields encoded chunks ``[B, k, C, h, w]`` that are noised to
     ``input_timestep`` and denoised by the student's remaining steps (video-to-video). ``use_cache=False`` is the
     reference that recomputes every earlier chunk at each step; it equals the cached rollout for a fixed caption,
-    chunk-aligned context and no sink (positions there are absolute; see :mod:`model.dit`).
+    chunk-aligned context and no sink (positions there are absolute; see :mod:`model.dit`). ``clock`` times the
+    chunks (``time.process_time`` counts only this process's CPU seconds, for a machine shared with others).
     """
     if sampler not in ("student", "euler"):
         raise ValueError(f"sampler must be 'student' or 'euler', got {sampler!r}")
     k = chunk_frames or model.cfg.chunk_frames
     text_at = text if callable(text) else (lambda _i, _t=text: _t)
-    roller = _Rollout(model, window_chunks, sink, use_cache, guidance_scale, vae)
+    roller = _Rollout(model, window_chunks, sink, use_cache, guidance_scale, vae, clock)
     index = 0
     if context is not None:
         for start in range(0, context.shape[1], k):
-            t0 = time.perf_counter()
+            t0 = clock()
+            roller.commit_pending()
             clean = context[:, start : start + k]
-            roller.commit(clean, text_at(index))
             video, decode_seconds = roller.decode(clean)
-            yield Chunk(index, clean, video, True, time.perf_counter() - t0, decode_seconds)
+            yield Chunk(index, clean, video, True, clock() - t0, decode_seconds)
+            roller.pending = (clean, text_at(index))
             index += 1
 
     input_iter = iter(inputs) if inputs is not None else None
     for _ in range(num_chunks):
-        t0 = time.perf_counter()
+        t0 = clock()
+        roller.commit_pending()
         emb, mask = text_at(index)
         shape = (emb.shape[0], k, *latent_shape)
         noise = torch.randn(shape, generator=generator, device=emb.device, dtype=emb.dtype)
@@ -133,14 +138,15 @@ def stream(
             clean = roller.denoise_student(noise, schedule.student_times(timesteps).tolist(), (emb, mask), generator)
         else:
             clean = roller.denoise_euler(noise, schedule.sampling_times(num_steps), (emb, mask))
-        roller.commit(clean, (emb, mask))
         video, decode_seconds = roller.decode(clean)
-        yield Chunk(index, clean, video, False, time.perf_counter() - t0, decode_seconds)
+        yield Chunk(index, clean, video, False, clock() - t0, decode_seconds)
+        roller.pending = (clean, (emb, mask))
         index += 1
 
 
 class _Rollout:
-    """State of one rollout: the KV cache (or, for the reference, the clean past) and the streaming decoder."""
+    """State of one rollout: the KV cache (or, for the reference, the clean past), the streaming decoder and the
+    yielded chunk still to be appended to the cache (``pending``: its clean latents and caption)."""
 
     def __init__(
         self,
@@ -150,13 +156,16 @@ class _Rollout:
         use_cache: bool,
         guidance_scale: float,
         vae: VAE | None,
+        clock: Callable[[], float],
     ) -> None:
         self.model = model
+        self.clock = clock
         self.window_chunks = window_chunks
         self.sink = sink
         self.guidance = guidance_scale
         self.cache: KVCache | None = model.new_cache(window_chunks, sink) if use_cache else None
         self.past: list[Tensor] = []
+        self.pending: tuple[Tensor, Text] | None = None
         self.decoder: StreamingDecoder | None = vae.stream_decoder() if vae is not None else None
 
     def velocity(self, x: Tensor, t: float, text: Text, *, update_cache: bool = False) -> Tensor:
@@ -195,8 +204,12 @@ class _Rollout:
         return x
 
     @torch.no_grad()
-    def commit(self, clean: Tensor, text: Text) -> None:
-        """Append a clean chunk: one t = 0 pass into the cache (or keep it for recompute)."""
+    def commit_pending(self) -> None:
+        """Append the pending clean chunk: one t = 0 pass into the cache (or keep it for recompute)."""
+        if self.pending is None:
+            return
+        clean, text = self.pending
+        self.pending = None
         if self.cache is not None:
             self.velocity(clean, 0.0, text, update_cache=True)
         else:
@@ -207,8 +220,8 @@ class _Rollout:
         """The chunk's pixels from the streaming decoder (None without a VAE) and the seconds the decode took."""
         if self.decoder is None:
             return None, 0.0
-        start = time.perf_counter()
+        start = self.clock()
         video = self.decoder.push(clean).clamp(-1.0, 1.0)
         if video.device.type == "cuda":
             torch.cuda.synchronize(video.device)
-        return video, time.perf_counter() - start
+        return video, self.clock() - start
