@@ -13,8 +13,8 @@ and the new chunk ``n..``. With a window of W chunks of k frames the largest pos
 rollout of any length stays inside the range seen in training whenever ``(W + 1) * k`` is at most the training
 clip's latent frames. Rotary scores depend only on position differences, so without a sink this equals absolute
 positions exactly. Cached keys are kept rotated: when the window drops a chunk, the keys after it are rotated back
-by its frames once, so no step re-rotates the cache. The cache also keeps the caption's cross-attention keys and
-values, computed once while the caption stays the same tensor.
+by its frames once, so no step re-rotates the cache. Without gradients the cache also keeps the caption's
+cross-attention keys and values, computed once while the caption stays the same tensor.
 """
 
 from __future__ import annotations
@@ -430,11 +430,12 @@ class DiT(nn.Module):
         tokens = self.embed_patches(x.to(self.head.weight.dtype))
         e = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(tokens.dtype))
         e_mod = self.time_proj(e).unflatten(-1, (6, cfg.dim))
-        context_kv = cache.caption_kv(text, text_mask) if cache is not None else None
+        keep_caption = cache is not None and not torch.is_grad_enabled()  # kept values would carry no gradient
+        context_kv = cache.caption_kv(text, text_mask) if keep_caption else None
         if context_kv is None:
             context = self.text_embed(text.to(tokens.dtype))
             context_kv = [block.cross_attn.keys_values(context) for block in self.blocks]
-            if cache is not None:
+            if keep_caption:
                 cache.keep_caption_kv(text, text_mask, context_kv)
         context_mask = text_mask.bool() | ~text_mask.bool().any(-1, keepdim=True)
 

@@ -251,3 +251,17 @@ def test_bf16_dit_reads_an_fp32_batch_and_matches_autocast(make_dit: Callable[..
     assert (autocast.float() - reference).abs().max().item() < 0.02 * scale  # measured 0.6 %
     assert (whole.float() - reference).abs().max().item() < 0.03 * scale  # measured 0.8-1.0 %
     assert (torch.cat(chunks, dim=1).float() - whole.float()).abs().max().item() < 0.005 * scale
+
+
+def test_cached_caption_is_reused_without_gradients_and_recomputed_with_them(dit: DiT, text: tuple) -> None:
+    x, t = _latents(frames=2)
+    cache = dit.new_cache()
+    with torch.no_grad():
+        first = dit(x, t, *text, cache=cache)
+        kept = cache.text_kv
+        again = dit(x, t, *text, cache=cache)
+    assert cache.text_kv is kept and torch.equal(first, again)
+    with_grad = dit(x, t, *text, cache=cache)
+    with_grad.square().mean().backward()
+    assert torch.allclose(with_grad, first, atol=ATOL)
+    assert dit.blocks[0].cross_attn.k.weight.grad.abs().sum() > 0 and dit.text_embed[0].weight.grad is not None
