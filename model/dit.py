@@ -169,8 +169,8 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_angles(frames: Tensor, rows: int, cols: int, head_dim: int, theta: float) -> Tensor:
-    """Angles ``[len(frames) * rows * cols, head_dim // 2]`` for tokens in (frame, row, column) order; row and
-    column 0 only when ``rows = cols = 1`` (a shift along frames)."""
+    """Angles ``[len(frames) * rows * cols, head_dim // 2]`` for tokens in (frame, row, column) order
+    (``rows = cols = 1``: row and column 0, a pure shift along frames)."""
     device = frames.device
     parts = []
     for n_pairs, pos in zip(

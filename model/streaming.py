@@ -32,7 +32,7 @@ TextSource = Text | Callable[[int], Text]
 @dataclass
 class Chunk:
     """One streamed chunk: clean ``latents [B, k, C, h, w]``, decoded ``video [B, T_k, 3, H, W]`` in [-1, 1]
-    (None without a VAE), whether it was ``given`` (context) rather than generated, its wall ``seconds`` and the
+    (None without a VAE), whether it was ``given`` (context) rather than generated, its ``seconds`` and the
     part of them its VAE decode took (``decode_seconds``, the paper's named latency bound)."""
 
     index: int
