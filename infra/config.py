@@ -171,6 +171,13 @@ class LatentsConfig(Section):
     batch_size: int = Field(default=8, ge=1, description="Clips per VAE batch inside an actor.")
 
 
+class CurriculumPhase(Section):
+    """One phase of a teacher's curriculum: `steps` steps on the first `latent_frames` latent frames of each clip."""
+
+    latent_frames: int = Field(ge=1)
+    steps: int = Field(ge=1)
+
+
 class TeacherConfig(TrainConfig):
     """Flow-matching DiT teacher; evaluated by the pixel oracle on CFG samples of held-out prompts."""
 
@@ -186,10 +193,11 @@ class TeacherConfig(TrainConfig):
     eval_batch_size: int = Field(default=16, ge=1)
     curve_prompts: int = Field(default=16, ge=1, description="Held-out prompts of the learning curve (`eval_every`).")
     curve_steps: int = Field(default=20, ge=1, description="Euler steps of the learning curve's samples.")
-    short_clip_frames: int | None = Field(
-        default=None, ge=1, description="Curriculum: train on the first N latent frames of each clip at first ..."
+    curriculum: list[CurriculumPhase] = Field(
+        default_factory=list,
+        description="Phases on the first `latent_frames` of each clip, in order, then whole clips: one latent frame "
+        "is an image, on which the DiT learns to draw shapes at several times the samples per second.",
     )
-    short_clip_steps: int = Field(default=0, ge=0, description="... for this many steps, then on whole clips.")
 
 
 class CausalTeacherConfig(TeacherConfig):

@@ -82,8 +82,7 @@ class TeacherTask(TrainTask):
     guidance_scale: float
     init_uri: str | None = None
     independent_chunks: bool = False
-    short_clip_frames: int | None = None
-    short_clip_steps: int = 0
+    curriculum: tuple[tuple[int, int], ...] = ()
     curve_prompts: list[dict[str, Any]] | None = None
     curve_text: tuple[np.ndarray, np.ndarray] | None = None
     curve_steps: int = 20
@@ -104,9 +103,7 @@ class TeacherTask(TrainTask):
 
     def train_step(self, step: int, batch: dict[str, Tensor], engines: EngineSet, frozen: Mapping[str, nn.Module]) -> dict[str, Tensor | float]:
         engine = engines["dit"]
-        frames = get_preset(self.preset).clip_latent_frames
-        if self.short_clip_frames and step < self.short_clip_steps:
-            frames = self.short_clip_frames
+        frames = curriculum_frames(self.curriculum, step, get_preset(self.preset).clip_latent_frames)
         loss = engine(batch["latents"][:, :frames], batch["text_emb"], batch["text_mask"])
         engines.optimize("dit", loss)
         return {"loss": loss.detach()}
@@ -146,6 +143,16 @@ class TeacherTask(TrainTask):
         )
         scores = sampling.alignment_scores(videos, self.curve_prompts)["scores"]
         return {k: v for k, v in scores.items() if k.endswith("_accuracy")}
+
+
+def curriculum_frames(curriculum: tuple[tuple[int, int], ...], step: int, clip_frames: int) -> int:
+    """Latent frames trained at ``step``: those of the curriculum phase it falls in, else the whole clip."""
+    end = 0
+    for frames, steps in curriculum:
+        end += steps
+        if step < end:
+            return min(frames, clip_frames)
+    return clip_frames
 
 
 def eval_settings(section: TeacherConfig, preset_name: str) -> tuple[int, float, int]:
@@ -205,8 +212,7 @@ def train_teacher(ctx: StageContext, section: TeacherConfig, mode: str, init_uri
         guidance_scale=scale,
         init_uri=init_uri,
         independent_chunks=independent_chunks,
-        short_clip_frames=section.short_clip_frames,
-        short_clip_steps=section.short_clip_steps,
+        curriculum=tuple((phase.latent_frames, phase.steps) for phase in section.curriculum),
         curve_prompts=curve_prompts,
         curve_text=curve_text,
         curve_steps=section.curve_steps,

@@ -1,0 +1,23 @@
+"""The teacher's curriculum: which latent frames each step trains on, and how a config spells it."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.config import ConfigError, load_config
+from training.flow_matching import curriculum_frames
+
+
+def test_phases_run_in_order_then_whole_clips() -> None:
+    phases = ((1, 3), (3, 2))
+    assert [curriculum_frames(phases, step, 9) for step in range(7)] == [1, 1, 1, 3, 3, 9, 9]
+    assert curriculum_frames((), 0, 9) == 9
+    assert curriculum_frames(((12, 5),), 0, 9) == 9
+
+
+def test_curriculum_from_an_override_and_a_bad_phase_in_one_line() -> None:
+    cfg = load_config(None, ["teacher.curriculum=[{latent_frames: 1, steps: 100}, {latent_frames: 3, steps: 50}]"])
+    assert [(p.latent_frames, p.steps) for p in cfg.teacher.curriculum] == [(1, 100), (3, 50)]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["teacher.curriculum=[{latent_frames: 0, steps: 100}]"])
+    assert "curriculum" in str(err.value) and "\n" not in str(err.value)
