@@ -77,6 +77,7 @@ def ensure_ray(config: PipelineConfig) -> None:
         else:
             with _loopback_only():
                 _init_local(config)
+    console.link_ray_logs(ray._private.worker._global_node.get_logs_dir_path())
 
 
 @contextlib.contextmanager

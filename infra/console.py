@@ -22,6 +22,7 @@ FAILURE_TAIL_LINES = 20
 
 _internal_log: Path | None = None
 _handler: logging.FileHandler | None = None
+_ray_logs: Path | None = None
 
 
 def verbose() -> bool:
@@ -95,9 +96,35 @@ def _route_internal_logs() -> None:
         logger.propagate = False
 
 
-def failure_tail() -> str:
-    """The last lines of the internal log, for the console when a command fails."""
-    if _internal_log is None or not _internal_log.is_file():
-        return ""
-    lines = _internal_log.read_text(errors="replace").splitlines()[-FAILURE_TAIL_LINES:]
-    return "\n".join([f"--- last lines of {_internal_log} ---", *lines])
+def link_ray_logs(session_logs: str) -> Path:
+    """Where Ray's own logs of this run are (its session's `logs/`: the workers' output, the raylet's and GCS's
+    logs), for the failure message; linked as `<root>/logs/ray-<session>` beside the internal log, so that a run's
+    logs are all under its root."""
+    global _ray_logs
+    _ray_logs = Path(session_logs)
+    if _internal_log is not None:
+        link = _internal_log.parent / f"ray-{_ray_logs.parent.name}"
+        if not link.is_symlink():
+            link.symlink_to(_ray_logs, target_is_directory=True)
+        _ray_logs = link
+    return _ray_logs
+
+
+def failure_tail(error: BaseException | None = None) -> str:
+    """For the console when a command fails: the last lines of the internal log and of the Ray worker log of the
+    failure (the failed task's process, else the worker log written last), and where all of Ray's logs are."""
+    parts = [*_tail(_internal_log)] if _internal_log is not None else []
+    if _ray_logs is not None and _ray_logs.is_dir():
+        pid = getattr(error, "pid", None)
+        logs = [p for p in _ray_logs.glob(f"worker-*-{pid}.err" if pid else "worker-*.err") if p.stat().st_size]
+        if logs:
+            parts.extend(_tail(max(logs, key=lambda p: p.stat().st_mtime)))
+        parts.append(f"Ray's logs of this run: {_ray_logs}")
+    return "\n".join(parts)
+
+
+def _tail(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()[-FAILURE_TAIL_LINES:]
+    return [f"--- last lines of {path} ---", *lines]

@@ -1,5 +1,5 @@
 """The console of a training stage run by a quiet `causvid run`: its steps reach the driver (done/total, samples/s,
-ETA) and nothing of Ray's own."""
+ETA) and nothing of Ray's own; when it fails, the tail of the failed worker's Ray log and where Ray's logs are."""
 
 from __future__ import annotations
 
@@ -47,3 +47,14 @@ def test_a_training_stage_shows_its_steps_and_no_ray_lines(tmp_path: Path, tmp_p
     assert [line for line in training if not OWN_LINE.match(line)] == []
     assert " I ode_init        done in " in training[-1]
 
+
+def test_a_failed_training_stage_shows_its_worker_s_ray_log_under_the_root(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    status, err = run_ode_init(tmp_path / "root", tmp_path_factory.mktemp("ray"), "ode_init.batch_size=64", "ode_init.max_failures=0")
+    assert status == 1
+    [ray_logs] = re.findall(r"^Ray's logs of this run: (\S+)$", err, re.MULTILINE)
+    assert Path(ray_logs).parent == tmp_path / "root" / "logs" and Path(ray_logs).is_symlink()
+    assert (Path(ray_logs) / "raylet.out").is_file()
+    [tail] = re.findall(rf"^--- last lines of {re.escape(ray_logs)}/worker-\S+\.err ---$(.*?)^Ray's logs", err, re.DOTALL | re.MULTILINE)
+    assert "ValueError: ode_init: the dataset shard has fewer rows than one step's 64" in tail
