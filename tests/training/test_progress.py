@@ -30,7 +30,7 @@ def run_ode_init(root: Path, ray_tmp: Path, *overrides: str) -> tuple[int, str]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
-        _, err = process.communicate(timeout=400)
+        _, err = process.communicate(timeout=900)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
