@@ -344,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, IncompleteOutputError, UserError, NotImplementedError) as err:
         print(f"causvid: error: {redact_text(str(err))}", file=sys.stderr)
         return 2
-    except Exception:
-        tail = console.failure_tail()
+    except Exception as err:
+        tail = console.failure_tail(err)
         if tail:
             print(redact_text(tail), file=sys.stderr)
         raise

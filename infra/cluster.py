@@ -71,11 +71,13 @@ def ensure_ray(config: PipelineConfig) -> None:
     for key, value in QUIET_RAY_ENV.items():
         os.environ.setdefault(key, value)
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    with _loopback_only():
-        _init_local(config)
+    with console.ray_init_logs():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            with _loopback_only():
+                _init_local(config)
+    console.link_ray_logs(ray._private.worker._global_node.get_logs_dir_path())
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ it, and nothing before it.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,9 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
-EMBEDDED_DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-"""The config of every command run without `--config`: the embedded default's values live in this one file, and the
-field defaults below only fill in the keys it leaves out."""
+EMBEDDED_DEFAULT = Path(str(resources.files("configs").joinpath("tiny.yaml")))
+"""The config of every command run without `--config`: the embedded default's values live in this one file
+(`configs/tiny.yaml`, package data of `configs`), and the field defaults below only fill in the keys it leaves out."""
 
 
 class ConfigError(ValueError):

@@ -53,6 +53,7 @@ def join(base: str, *parts: str) -> str:
 S3_ATTEMPTS_ENV = "CAUSVID_S3_ATTEMPTS"
 S3_ATTEMPTS = 10
 S3_CONNECT_TIMEOUT_S = 5.0
+S3_TIMEOUT_ENV = "CAUSVID_S3_TIMEOUT_S"
 S3_REQUEST_TIMEOUT_S = 60.0
 URI_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -86,10 +87,17 @@ def s3_attempts() -> int:
     return int(os.environ.get(S3_ATTEMPTS_ENV, S3_ATTEMPTS))
 
 
+def s3_timeout() -> float:
+    """Seconds a request waits for the store's answer before it counts as failed and is retried
+    (`$CAUSVID_S3_TIMEOUT_S`): a store that stalls longer costs attempts, not the stage."""
+    return float(os.environ.get(S3_TIMEOUT_ENV, S3_REQUEST_TIMEOUT_S))
+
+
 def s3_options() -> dict[str, Any]:
-    """Endpoint and region of the S3 store, from the standard AWS variables ($AWS_ENDPOINT_URL too)."""
+    """Endpoint, region, attempts and timeout of the S3 store, from the standard AWS variables
+    ($AWS_ENDPOINT_URL too) and ours."""
     endpoint = s3_endpoint()
-    options: dict[str, Any] = {"region": s3_region(), "attempts": s3_attempts()}
+    options: dict[str, Any] = {"region": s3_region(), "attempts": s3_attempts(), "request_timeout": s3_timeout()}
     if endpoint:
         scheme_, _, host = endpoint.partition("://")
         options.update(endpoint_override=host or scheme_, scheme=scheme_ if host else "https")
@@ -102,27 +110,26 @@ def _s3_filesystem(options_key: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.pop("attempts")),
         connect_timeout=S3_CONNECT_TIMEOUT_S,
-        request_timeout=S3_REQUEST_TIMEOUT_S,
         **options,
     )
 
 
 @lru_cache(maxsize=8)
-def _s3_client(endpoint: str | None, region: str, attempts: int) -> Any:
+def _s3_client(endpoint: str | None, region: str, attempts: int, timeout: float) -> Any:
     import boto3
     from botocore.config import Config
 
     retries = Config(
         retries={"mode": "standard", "max_attempts": attempts},
         connect_timeout=S3_CONNECT_TIMEOUT_S,
-        read_timeout=S3_REQUEST_TIMEOUT_S,
+        read_timeout=timeout,
     )
     return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=retries)
 
 
 def s3_client(attempts: int | None = None) -> Any:
     """A boto3 S3 client with botocore's standard retry mode (exponential backoff with jitter)."""
-    return _s3_client(s3_endpoint(), s3_region(), attempts or s3_attempts())
+    return _s3_client(s3_endpoint(), s3_region(), attempts or s3_attempts(), s3_timeout())
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -5,6 +5,8 @@ stages (see :mod:`tests.world`)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -116,22 +118,24 @@ os.environ.update(
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """A real S3-compatible server (moto) on 127.0.0.1; yields its endpoint URL."""
-    import subprocess
-    import sys
-
-    port, endpoint = S3_PORT, S3_ENDPOINT
+def s3_process() -> Iterator[subprocess.Popen]:
+    """A real S3-compatible server (moto) on 127.0.0.1, the process itself (chaos tests pause it)."""
     binary = Path(sys.executable).with_name("moto_server")
     process = subprocess.Popen(
-        [str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(binary), "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        wait_for_http(endpoint, process)
-        yield endpoint
+        wait_for_http(S3_ENDPOINT, process)
+        yield process
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_process: subprocess.Popen) -> str:
+    """The local S3 server's endpoint URL."""
+    return S3_ENDPOINT
 
 
 @pytest.fixture

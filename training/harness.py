@@ -7,8 +7,9 @@ stage's Ray Dataset (``ray.train.get_dataset_shard``; read once and held in memo
 embedded default, else streamed every epoch), checkpoints every engine together with the step counter,
 RNG states and data position through ``ray.train.report`` into ``<output>/checkpoints`` (local or s3://),
 resumes from the latest checkpoint after a worker dies (``FailureConfig``) or when the stage is re-run, logs
-from rank 0 to the stage's MLflow run, and exports the final weights as a plain PyTorch file
-(:mod:`model.weights`). :func:`stage_job` builds the run of a stage, :func:`log_videos` logs sample videos.
+from rank 0 to the stage's MLflow run and the driver's console (:mod:`training.progress`), and exports the final
+weights as a plain PyTorch file (:mod:`model.weights`). :func:`stage_job` builds the run of a stage,
+:func:`log_videos` logs sample videos.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import os
 import random
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.util.queue import Queue
 from torch import Tensor, nn
 
 from infra import storage, tracking
@@ -36,6 +37,7 @@ from model import weights
 from model.presets import get_preset
 from pipelines.video import encode_mp4
 from pipelines.workflow import StageContext
+from training.progress import ConsoleRelay, step_line
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_TAG = "state"
@@ -288,11 +290,12 @@ def log_videos(
 
 
 class _Logger:
-    """Rank 0's sink: console lines and MLflow metrics of the stage's run."""
+    """Rank 0's sink: console lines (to the driver, through its :class:`~training.progress.ConsoleRelay`) and
+    MLflow metrics of the stage's run."""
 
-    def __init__(self, name: str, tracking_uri: str | None, run_id: str | None) -> None:
-        self.name = name
+    def __init__(self, tracking_uri: str | None, run_id: str | None, console: Queue) -> None:
         self.run_id = run_id
+        self.console_queue = console
         self.client = None
         if tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
@@ -316,13 +319,19 @@ class _Logger:
             self.client.log_image(self.run_id, image, artifact_file=f"{name}/step_{step:07d}.png")
 
     def console(self, step: int, total: int, values: Mapping[str, float]) -> None:
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
-        self.line(f"step {step}/{total}  {shown}")
+        self.line(f"step {step}/{total}  {_shown(values)}")
+
+    def progress(self, step: int, total: int, steps_per_s: float, values: Mapping[str, float]) -> None:
+        """The step line: steps done of all, samples/s and ETA, then the step's other figures."""
+        rest = {k: v for k, v in values.items() if k != "samples_per_s"}
+        self.line(f"{step_line(step, total, values['samples_per_s'], steps_per_s)}  {_shown(rest)}")
 
     def line(self, text: str) -> None:
-        """One console line, written past Ray Train's print patch (which would echo it twice)."""
-        sys.__stderr__.write(f"[{self.name}] {text}\n")
-        sys.__stderr__.flush()
+        self.console_queue.put(text)
+
+
+def _shown(values: Mapping[str, float]) -> str:
+    return "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
 
 
 def _fmt(value: float) -> str:
@@ -443,7 +452,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         np.random.seed(section.seed + rank)
         random.seed(section.seed + rank)
 
-    sink = _Logger(job.name, job.tracking_uri, job.run_id) if rank == 0 else None
+    sink = _Logger(job.tracking_uri, job.run_id, config["console"]) if rank == 0 else None
     if sink is not None and resumed_from is not None:
         sink.line(f"resumed from step {resumed_from} (epoch {epoch}, batch {batch_in_epoch})")
 
@@ -513,7 +522,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             last_metrics["peak_mem_mb"] = peak_memory_mb(device)
             last_metrics["epoch"] = float(epoch)
             sink.metrics(step, last_metrics)
-            sink.console(step, section.steps, last_metrics)
+            sink.progress(step, section.steps, window_steps / max(elapsed, 1e-9), last_metrics)
             window_start, window_steps, window_sums, window_counts = time.perf_counter(), 0, {}, {}
         if section.sample_every and step % section.sample_every == 0 and step < section.steps:
             plain = _plain_models(job, engines, section.zero_stage, sink is not None)
@@ -586,9 +595,10 @@ def fit(job: TrainJob) -> FitResult:
         Path(path).mkdir(parents=True, exist_ok=True)
     started = time.time()
     job.dataset.context.enable_progress_bars = False
+    relay = ConsoleRelay(job.name)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "console": relay.queue},
         scaling_config=ScalingConfig(
             num_workers=section.num_workers,
             use_gpu=section.use_gpu,
@@ -604,7 +614,8 @@ def fit(job: TrainJob) -> FitResult:
         datasets={"train": job.dataset},
         dataset_config=DataConfig(execution_options=ordered_ingest()),
     )
-    result = trainer.fit()
+    with relay:
+        result = trainer.fit()
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     checkpoint_uri = None
     if result.checkpoint is not None:

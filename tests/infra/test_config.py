@@ -86,3 +86,40 @@ def test_commands_without_a_config_see_the_demo_s_outputs(
     assert rows["synthetic"]["state"] == "done" and rows["clips"]["state"] == "missing"
     demo = plan(load_config(REPO / "configs" / "tiny.yaml", small[1::2]))
     assert {name: row["uri"] for name, row in rows.items()} == {name: demo.output_uri(name) for name in rows}
+
+
+def test_the_embedded_default_is_package_data_of_configs() -> None:
+    """One file, `configs/tiny.yaml`, found through importlib.resources as an installed package finds it."""
+    from importlib import resources
+
+    from infra.config import EMBEDDED_DEFAULT
+
+    packaged = resources.files("configs").joinpath("tiny.yaml")
+    assert Path(str(packaged)).resolve() == EMBEDDED_DEFAULT.resolve() == (REPO / "configs" / "tiny.yaml").resolve()
+    assert load_config(Path(str(packaged))) == load_config(EMBEDDED_DEFAULT)
+    assert sorted(p.relative_to(REPO) for p in REPO.rglob("tiny.yaml") if ".venv" not in p.parts) == [Path("configs/tiny.yaml")]
+
+
+def test_an_installed_package_reads_the_embedded_default(tmp_path: Path) -> None:
+    """Installed (not editable) into a folder of its own and run from elsewhere, `infra.config` finds the default."""
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "causvid-data", "__pycache__", "*.egg-info", "build", "tests"))
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(site), str(source)],
+        check=True, capture_output=True, timeout=300,
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", "from infra.config import EMBEDDED_DEFAULT, load_config; "
+         "print(EMBEDDED_DEFAULT); print(load_config(EMBEDDED_DEFAULT).model_dump_json())"],
+        cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    path, dumped = shown.stdout.splitlines()
+    assert Path(path) == site / "configs" / "tiny.yaml"
+    assert json.loads(dumped) == json.loads(load_config(REPO / "configs" / "tiny.yaml").model_dump_json())

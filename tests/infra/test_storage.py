@@ -1,5 +1,10 @@
 import dataclasses
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -157,3 +162,55 @@ def test_a_failed_s3_read_is_an_error_that_is_retried_not_a_rejection(
     with pytest.raises(clips.ReadFailed, match="s3://bucket/v.mp4"):
         clips.curate_group(batch, output_uri=str(tmp_path / "out"), rules=rules, text=[text])
     assert not (tmp_path / "out" / clips.GROUPS_DIR).exists(), "no marker: the video is not counted as rejected"
+
+
+PAUSE_S = 8.0
+TIMEOUT_S = 2.0
+
+
+def test_a_stage_outlives_a_paused_s3_server(
+    s3_process: subprocess.Popen, s3_bucket: str, s3_server: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The store stops answering (SIGSTOP) mid-stage for four times as long as a request may wait: the requests that
+    time out are retried with backoff, and once it answers again (SIGCONT) the stage completes, every row in place."""
+    root, videos = f"s3://{s3_bucket}/causvid", 6
+    env = {**os.environ, storage.S3_TIMEOUT_ENV: str(TIMEOUT_S), "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray"))}
+    stage = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("causvid")), "stage", "synthetic", "--set", f"storage.root={root}",
+            "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", "ray.num_cpus=2",
+            "--set", f"synthetic.num_videos={videos}", "--set", "synthetic.seconds=1", "--set", "synthetic.videos_per_task=1",
+        ],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    client = boto3.client("s3", endpoint_url=s3_server)
+
+    def keys() -> dict[str, float]:
+        listed = client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])
+        return {item["Key"]: item["LastModified"].timestamp() for item in listed}
+
+    try:
+        deadline = time.time() + 120
+        while not any(key.endswith(".mp4") for key in keys()):
+            assert stage.poll() is None and time.time() < deadline, stage.stderr.read() if stage.poll() is not None else ""
+            time.sleep(0.2)
+        assert not any(key.endswith(storage.MANIFEST) for key in keys()), "paused after the stage ended"
+        s3_process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(PAUSE_S)
+        finally:
+            s3_process.send_signal(signal.SIGCONT)
+        resumed = time.time()
+        out, err = stage.communicate(timeout=180)
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+            stage.wait()
+    assert stage.returncode == 0, err[-3000:]
+    uri = out.strip().splitlines()[-1]
+    manifest = storage.read_manifest(uri)
+    assert manifest["counts"]["videos"] == videos
+    assert storage.read_parquet(storage.join(uri, "manifest.parquet")).num_rows == videos
+    written = {key: at for key, at in keys().items() if key.endswith(".mp4")}
+    assert len(written) == videos and max(written.values()) >= int(resumed) - 1, "no write waited out the pause"
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
