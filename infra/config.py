@@ -177,6 +177,12 @@ class CurriculumPhase(Section):
 
     latent_frames: int = Field(ge=1)
     steps: int = Field(ge=1)
+    image_every: int = Field(
+        default=0,
+        ge=0,
+        description="Every n-th step of the phase trains on single frames (images), so that a video phase keeps "
+        "what an image phase taught (joint image-video training); 0: never.",
+    )
 
 
 class TeacherConfig(TrainConfig):

@@ -8,6 +8,7 @@ arithmetic and the pixels stay fp32 around a bf16 network.
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -36,6 +37,14 @@ def for_inference(module: nn.Module, precision: Precision) -> nn.Module:
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return module.to(DTYPES[precision]).eval()
+
+
+def in_precision(module: nn.Module, precision: Precision) -> nn.Module:
+    """``module`` itself when its weights already are in ``precision``, else a cast copy in eval mode: the caller's
+    module (weights still training, a frozen VAE that also encodes) keeps its dtype."""
+    if weights_dtype(module) == DTYPES[precision]:
+        return module
+    return for_inference(copy.deepcopy(module), precision)
 
 
 def weights_dtype(module: nn.Module) -> torch.dtype:

@@ -82,7 +82,7 @@ class TeacherTask(TrainTask):
     guidance_scale: float
     init_uri: str | None = None
     independent_chunks: bool = False
-    curriculum: tuple[tuple[int, int], ...] = ()
+    curriculum: tuple[tuple[int, int, int], ...] = ()
     curve_prompts: list[dict[str, Any]] | None = None
     curve_text: tuple[np.ndarray, np.ndarray] | None = None
     curve_steps: int = 20
@@ -145,13 +145,14 @@ class TeacherTask(TrainTask):
         return {k: v for k, v in scores.items() if k.endswith("_accuracy")}
 
 
-def curriculum_frames(curriculum: tuple[tuple[int, int], ...], step: int, clip_frames: int) -> int:
-    """Latent frames trained at ``step``: those of the curriculum phase it falls in, else the whole clip."""
-    end = 0
-    for frames, steps in curriculum:
-        end += steps
-        if step < end:
-            return min(frames, clip_frames)
+def curriculum_frames(curriculum: tuple[tuple[int, int, int], ...], step: int, clip_frames: int) -> int:
+    """Latent frames trained at ``step``: those of the curriculum phase ``(latent_frames, steps, image_every)`` it
+    falls in (one, an image, on every ``image_every``-th step of the phase), else the whole clip."""
+    start = 0
+    for frames, steps, image_every in curriculum:
+        if step < start + steps:
+            return 1 if image_every and (step - start) % image_every == image_every - 1 else min(frames, clip_frames)
+        start += steps
     return clip_frames
 
 
@@ -212,7 +213,7 @@ def train_teacher(ctx: StageContext, section: TeacherConfig, mode: str, init_uri
         guidance_scale=scale,
         init_uri=init_uri,
         independent_chunks=independent_chunks,
-        curriculum=tuple((phase.latent_frames, phase.steps) for phase in section.curriculum),
+        curriculum=tuple((phase.latent_frames, phase.steps, phase.image_every) for phase in section.curriculum),
         curve_prompts=curve_prompts,
         curve_text=curve_text,
         curve_steps=section.curve_steps,

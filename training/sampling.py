@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from infra import storage, tracking
 from model.dit import DiT
+from model.precision import Precision, default_precision, in_precision
 from model.presets import get_preset
 from model.schedule import FlowSchedule
 from model.streaming import stream, teacher_sample
@@ -51,11 +52,16 @@ def generate_videos(
     seed: int,
     batch_size: int = 16,
     mode: str | None = None,
+    precision: Precision | None = None,
 ) -> np.ndarray:
     """Euler + CFG samples from seeded noise (per batch) for every caption embedding, decoded to pixels.
 
-    ``text_emb [B, L, D]``, ``latent_shape = (F, C, h, w)``; ``mode`` overrides the DiT's attention mode.
+    ``text_emb [B, L, D]``, ``latent_shape = (F, C, h, w)``; ``mode`` overrides the DiT's attention mode. The
+    networks run in ``precision``, the device's default (:func:`model.precision.default_precision`): every stage
+    scores its samples alike.
     """
+    precision = precision or default_precision(text_emb.device)
+    dit, vae = in_precision(dit, precision), in_precision(vae, precision)
     videos = []
     for start in range(0, text_emb.shape[0], batch_size):
         emb, mask = text_emb[start : start + batch_size], text_mask[start : start + batch_size]
@@ -78,9 +84,12 @@ def stream_videos(
     latent_frames: int | None = None,
     seed: int = SAMPLE_SEED,
     batch_size: int = 16,
+    precision: Precision | None = None,
 ) -> np.ndarray:
     """4-step chunk-by-chunk samples (KV cache, sliding window) of ``latent_frames`` (the training clip's length
-    by default), decoded to pixels."""
+    by default), decoded to pixels; the networks run in ``precision`` as in :func:`generate_videos`."""
+    precision = precision or default_precision(text_emb.device)
+    student, vae = in_precision(student, precision), in_precision(vae, precision)
     p = get_preset(preset_name)
     frames, channels, height, width = p.latent_shape(latent_frames)
     videos = []
