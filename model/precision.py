@@ -32,17 +32,21 @@ def default_precision(device: torch.device) -> Precision:
     return "bf16" if has_native_bf16(device) else "fp32"
 
 
-def for_inference(module: nn.Module, precision: Precision) -> nn.Module:
-    """The module in eval mode with its weights cast to ``precision``."""
+def dtype_of(precision: Precision) -> torch.dtype:
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return module.to(DTYPES[precision]).eval()
+    return DTYPES[precision]
+
+
+def for_inference(module: nn.Module, precision: Precision) -> nn.Module:
+    """The module in eval mode with its weights cast to ``precision``."""
+    return module.to(dtype_of(precision)).eval()
 
 
 def in_precision(module: nn.Module, precision: Precision) -> nn.Module:
     """``module`` itself when its weights already are in ``precision``, else a cast copy in eval mode: the caller's
     module (weights still training, a frozen VAE that also encodes) keeps its dtype."""
-    if weights_dtype(module) == DTYPES[precision]:
+    if weights_dtype(module) == dtype_of(precision):
         return module
     return for_inference(copy.deepcopy(module), precision)
 

@@ -9,7 +9,7 @@ motion against the prompts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
-from infra.config import TeacherConfig
+from infra.config import CurriculumPhase, TeacherConfig
 from model.dit import DiT
 from model.presets import get_preset
 from model.schedule import FlowSchedule, add_noise, velocity_target
@@ -82,7 +82,7 @@ class TeacherTask(TrainTask):
     guidance_scale: float
     init_uri: str | None = None
     independent_chunks: bool = False
-    curriculum: tuple[tuple[int, int, int], ...] = ()
+    curriculum: tuple[CurriculumPhase, ...] = ()
     curve_prompts: list[dict[str, Any]] | None = None
     curve_text: tuple[np.ndarray, np.ndarray] | None = None
     curve_steps: int = 20
@@ -145,14 +145,15 @@ class TeacherTask(TrainTask):
         return {k: v for k, v in scores.items() if k.endswith("_accuracy")}
 
 
-def curriculum_frames(curriculum: tuple[tuple[int, int, int], ...], step: int, clip_frames: int) -> int:
-    """Latent frames trained at ``step``: those of the curriculum phase ``(latent_frames, steps, image_every)`` it
-    falls in (one, an image, on every ``image_every``-th step of the phase), else the whole clip."""
+def curriculum_frames(curriculum: Sequence[CurriculumPhase], step: int, clip_frames: int) -> int:
+    """Latent frames trained at ``step``: those of the curriculum phase it falls in (one, an image, on every
+    ``image_every``-th step of the phase), else the whole clip."""
     start = 0
-    for frames, steps, image_every in curriculum:
-        if step < start + steps:
-            return 1 if image_every and (step - start) % image_every == image_every - 1 else min(frames, clip_frames)
-        start += steps
+    for phase in curriculum:
+        if step < start + phase.steps:
+            every = phase.image_every
+            return 1 if every and (step - start) % every == every - 1 else min(phase.latent_frames, clip_frames)
+        start += phase.steps
     return clip_frames
 
 
@@ -213,7 +214,7 @@ def train_teacher(ctx: StageContext, section: TeacherConfig, mode: str, init_uri
         guidance_scale=scale,
         init_uri=init_uri,
         independent_chunks=independent_chunks,
-        curriculum=tuple((phase.latent_frames, phase.steps, phase.image_every) for phase in section.curriculum),
+        curriculum=tuple(section.curriculum),
         curve_prompts=curve_prompts,
         curve_text=curve_text,
         curve_steps=section.curve_steps,

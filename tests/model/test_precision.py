@@ -92,4 +92,6 @@ def test_stage_samples_run_in_bf16_on_copies_and_leave_the_callers_weights_fp32(
     assert in_precision(dit, "fp32") is dit and weights_dtype(in_precision(dit, "bf16")) == torch.bfloat16
     assert np.array_equal(default, bf16 if has_native_bf16(torch.device("cpu")) else fp32)
     assert not np.array_equal(bf16, fp32)
-    assert np.abs(bf16.astype(int) - fp32.astype(int)).mean() < 3  # grey levels of 255; measured 0.8
+    assert np.abs(bf16.astype(int) - fp32.astype(int)).mean() < 1.5  # grey levels of 255; measured 0.8
+    with pytest.raises(ValueError, match="precision must be one of"):
+        in_precision(dit, "fp16")

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from infra.config import ConfigError, load_config
+from infra.config import ConfigError, CurriculumPhase, load_config
 from training.flow_matching import curriculum_frames
 
 
+def phases(*spec: tuple[int, int, int]) -> tuple[CurriculumPhase, ...]:
+    return tuple(CurriculumPhase(latent_frames=f, steps=n, image_every=e) for f, n, e in spec)
+
+
 def test_phases_run_in_order_then_whole_clips() -> None:
-    phases = ((1, 3, 0), (3, 2, 0))
-    assert [curriculum_frames(phases, step, 9) for step in range(7)] == [1, 1, 1, 3, 3, 9, 9]
+    two = phases((1, 3, 0), (3, 2, 0))
+    assert [curriculum_frames(two, step, 9) for step in range(7)] == [1, 1, 1, 3, 3, 9, 9]
     assert curriculum_frames((), 0, 9) == 9
-    assert curriculum_frames(((12, 5, 0),), 0, 9) == 9
+    assert curriculum_frames(phases((12, 5, 0)), 0, 9) == 9
 
 
 def test_a_video_phase_trains_on_images_every_nth_step() -> None:
-    phases = ((1, 2, 0), (3, 6, 3), (9, 4, 2))
-    assert [curriculum_frames(phases, step, 9) for step in range(13)] == [1, 1, 3, 3, 1, 3, 3, 1, 9, 1, 9, 1, 9]
+    three = phases((1, 2, 0), (3, 6, 3), (9, 4, 2))
+    assert [curriculum_frames(three, step, 9) for step in range(13)] == [1, 1, 3, 3, 1, 3, 3, 1, 9, 1, 9, 1, 9]
 
 
 def test_curriculum_from_an_override_and_a_bad_phase_in_one_line() -> None:
