@@ -82,14 +82,18 @@ def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
 
 def encode_clip(frames: np.ndarray, fps: int, crf: int | None = None) -> bytes:
     """A stored clip: ``frames [T, H, W, 3]`` uint8 as H.264 MP4 bytes, exact RGB (lossless ``libx264rgb``) by
-    default, or 4:2:0 at ``crf`` (even H and W), a small fraction of the raw frames' bytes at Wan's 480x832."""
+    default, or 4:2:0 at ``crf`` (even H and W), a small fraction of the raw frames' bytes at Wan's 480x832.
+
+    Lossless clips are intermediate data, so they take x264's fastest preset: 4-7x less encoding time than
+    ``fast`` for about a quarter more bytes, where encoding was a third of the clips stage's work per frame."""
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264rgb" if crf is None else "libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "rgb24" if crf is None else "yuv420p"
         quality = {"qp": "0"} if crf is None else {"crf": str(crf)}
-        stream.options = {**quality, "preset": "fast", "threads": "1", "x264-params": "mbtree=0"}
+        preset = "ultrafast" if crf is None else "fast"
+        stream.options = {**quality, "preset": preset, "threads": "1", "x264-params": "mbtree=0"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
