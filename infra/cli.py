@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser(
         "sweep",
-        help="run the rows of a sweep file up to dmd and print their oracle accuracies",
+        help="run the rows of a sweep file through evaluate and print their table (Table 4; plots: Figure 8)",
         description="Example: causvid sweep configs/sweep_table4.yaml --set dmd.steps=200 (the paper's Table 4).",
     )
     sweep.add_argument("sweep", metavar="SWEEP", help="sweep YAML, e.g. configs/sweep_table4.yaml")

@@ -242,6 +242,9 @@ class StudentConfig(TrainConfig):
     eval_latent_frames: int | None = Field(default=None, ge=1, description="Sample length (preset's clip length).")
     eval_batch_size: int = Field(default=16, ge=1)
     sample_prompts: int = Field(default=2, ge=0, description="Prompts of the sample videos logged while training.")
+    curve_prompts: int = Field(
+        default=16, ge=1, description="Held-out prompts of the learning curve (`eval_every`): 4-step streaming samples."
+    )
 
 
 class OdeInitConfig(StudentConfig):

@@ -1,8 +1,8 @@
-"""A tiny world for the distillation stages: latents, a VAE and two teachers as complete stage outputs.
+"""A tiny world for the distillation and evaluation stages: latents, a VAE and two teachers as complete stage outputs.
 
 The networks are randomly initialised (tiny preset; the DiT without adaLN-zero, so its velocities are not zero)
 and written where the workflow's plan expects the `latents`, `teacher` and `causal_teacher` outputs, so the real
-`trajectories`, `ode_init` and `dmd` stages run on them through the workflow, Ray Data and the training harness.
+`trajectories`, `ode_init`, `dmd` and `evaluate` stages run on them through the workflow, Ray Data and the training harness.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ FAST = (
     "dmd.sample_prompts=0",
     "dmd.guidance_scale=3.0",
     "dmd.diagnostics_every=2",
+    "evaluate.seconds=2",
+    "evaluate.num_prompts=1",
+    "evaluate.causal_teacher_steps=2",
 )
 
 
@@ -67,6 +70,7 @@ def write_world(config: PipelineConfig) -> None:
     torch.manual_seed(0)
     vae_uri = storage.join(the_plan.output_uri("vae"), MODEL_FILE)
     save_model(vae_uri, preset.build_vae().eval(), kind="vae", preset="tiny", step=0)
+    storage.write_manifest(the_plan.output_uri("vae"), {"stage": "vae", "fingerprint": the_plan.fingerprints["vae"], "summary": {}})
     rng = np.random.default_rng(0)
     frames, channels, height, width = preset.latent_shape()
     for shard in range(SHARDS):

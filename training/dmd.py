@@ -52,7 +52,7 @@ from pipelines.workflow import StageContext, vae_of
 from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, stage_job
 from training.regression import regression_on_states, train_regression
 from training.scoreboard import publish_scoreboard
-from training.student_evaluation import finish_student, sample_text_for, sample_videos
+from training.student_evaluation import StudentCurve, curve_for, curve_scores, finish_student, sample_text_for, sample_videos
 
 REAL_SCORE_MODE = {"bidirectional": "bidirectional", "causal": "block_causal"}
 
@@ -201,6 +201,7 @@ class DmdTask(TrainTask):
     section: DmdConfig
     guidance_scale: float
     sample_text: tuple[np.ndarray, np.ndarray] | None
+    curve: StudentCurve | None = None
     export: Export = Export(engine="generator", kind="dit", unwrap=unwrap_generator)
     _fixed: dict[str, Tensor] | None = field(default=None, init=False, repr=False)
     _figures: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
@@ -340,6 +341,10 @@ class DmdTask(TrainTask):
     def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
         return sample_videos(self.export.unwrap(models["generator"]), frozen, self.sample_text, self.preset)
 
+    def learning_curve(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+        """The curve of the generator's EMA (what is exported and evaluated) where it keeps one."""
+        return curve_scores(self.export.unwrap(models["generator"]), frozen, self.curve, self.preset)
+
 
 def _inputs(ctx: StageContext) -> tuple[str, str | None, str]:
     """Generator initial weights, the VAE, and the ODE-init stage's trajectories."""
@@ -370,6 +375,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         section=section,
         guidance_scale=guidance_scale,
         sample_text=sample_text_for(preset_name, section, ctx.config.teacher.seed, ctx.config.model.text_path),
+        curve=curve_for(preset_name, section, ctx.config.teacher.seed, ctx.config.model.text_path),
     )
     if section.regression_weight:
         dataset = trajectories.training_dataset(trajectories_uri)

@@ -23,7 +23,7 @@ from model.weights import load_model, read_payload
 from pipelines import trajectories
 from pipelines.workflow import StageContext
 from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, stage_job, unwrap_dit
-from training.student_evaluation import finish_student, sample_text_for, sample_videos
+from training.student_evaluation import StudentCurve, curve_for, curve_scores, finish_student, sample_text_for, sample_videos
 
 
 class StudentRegression(nn.Module):
@@ -71,6 +71,7 @@ class OdeInitTask(TrainTask):
     init_uri: str
     vae_uri: str | None
     sample_text: tuple[np.ndarray, np.ndarray] | None
+    curve: StudentCurve | None = None
     export: Export = Export(engine="student", kind="dit", unwrap=unwrap_dit)
 
     def plain(self, name: str) -> nn.Module:
@@ -93,6 +94,9 @@ class OdeInitTask(TrainTask):
     def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
         return sample_videos(self.export.unwrap(models[self.export.engine]), frozen, self.sample_text, self.preset)
 
+    def learning_curve(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, float]:
+        return curve_scores(self.export.unwrap(models[self.export.engine]), frozen, self.curve, self.preset)
+
 
 def train_regression(
     ctx: StageContext, section: StudentConfig, trajectories_uri: str, init_uri: str, vae_uri: str | None
@@ -106,6 +110,7 @@ def train_regression(
         init_uri=init_uri,
         vae_uri=vae_uri,
         sample_text=sample_text_for(preset_name, section, ctx.config.teacher.seed, ctx.config.model.text_path),
+        curve=curve_for(preset_name, section, ctx.config.teacher.seed, ctx.config.model.text_path),
     )
     result = fit(stage_job(ctx, section, task, trajectories.training_dataset(trajectories_uri), init=init_uri))
     summary: dict[str, Any] = {"model": result.model_uri, "init": init_uri, "train_seconds": round(result.seconds, 1)}

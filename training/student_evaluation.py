@@ -1,10 +1,11 @@
-"""What the student stages (`ode_init`, `dmd`) share around training: 4-step streaming samples while they train,
-and at the end the regression loss per timestep and the oracle's scores of 4-step samples of held-out prompts,
+"""What the student stages (`ode_init`, `dmd`) share around training: 4-step streaming samples and the learning
+curve while they train, and at the end the regression loss per timestep and the oracle's scores of 4-step samples of held-out prompts,
 next to the teacher's on the same prompts."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,35 @@ def sample_videos(
     emb, mask = (torch.from_numpy(a) for a in sample_text)
     videos = sampling.stream_videos(student.eval(), frozen["vae"], emb, mask, preset)
     return {f"prompt{i}": video for i, video in enumerate(videos)}
+
+
+@dataclass(frozen=True)
+class StudentCurve:
+    """The learning curve's fixed held-out prompts, their caption embeddings and the samples' latent frames."""
+
+    prompts: list[dict[str, Any]]
+    text: tuple[np.ndarray, np.ndarray]
+    latent_frames: int | None
+
+
+def curve_for(preset_name: str, section: StudentConfig, prompt_seed: int, text_path: str | None = None) -> StudentCurve | None:
+    """The curve of a student stage that scores one (``eval_every``), else None."""
+    if not section.eval_every:
+        return None
+    prompts, text = sampling.heldout_text(preset_name, section.curve_prompts, prompt_seed, text_path)
+    return StudentCurve(prompts, text, section.eval_latent_frames)
+
+
+def curve_scores(student: nn.Module, frozen: Mapping[str, nn.Module], curve: StudentCurve | None, preset: str) -> dict[str, float]:
+    """Oracle accuracies of 4-step streaming samples of the curve's prompts: how distillation moves, step by step."""
+    if curve is None or "vae" not in frozen:
+        return {}
+    emb, mask = (torch.from_numpy(a) for a in curve.text)
+    videos = sampling.stream_videos(
+        student.eval(), frozen["vae"], emb, mask, preset, latent_frames=curve.latent_frames, batch_size=len(curve.prompts)
+    )
+    scores = sampling.alignment_scores(videos, curve.prompts)["scores"]
+    return {k: v for k, v in scores.items() if k.endswith("_accuracy")}
 
 
 def evaluate_student(

@@ -1,4 +1,5 @@
-"""The student stages on the harness: ODE initialisation, asymmetric DMD, and the regression-only ablation."""
+"""The student stages on the harness: ODE initialisation, asymmetric DMD, the regression-only ablation and their
+learning curves."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from PIL import Image
 from infra import storage, tracking
 from model.presets import get_preset
 from model.weights import MODEL_FILE, load_model
+from pipelines.shapes_world import heldout_prompts
 from pipelines.workflow import plan, run_stages
+from training.student_evaluation import curve_for, curve_scores
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 TIMESTEPS = get_preset("tiny").student_timesteps
@@ -77,3 +80,24 @@ def test_regression_only_ablation_skips_the_critic(world) -> None:
     assert manifest["summary"]["teacher"] == "none"
     assert manifest["counts"] == {"steps": 2}
     assert "final_loss" in manifest["summary"] and "final_generator_loss" not in manifest["summary"]
+
+
+def test_student_stages_log_a_learning_curve_of_the_exported_model(world) -> None:
+    """`eval_every`: the oracle on 4-step samples of fixed held-out prompts, into MLflow as ``curve/...``; DMD's is
+    the generator's EMA, the model it exports, so the curve's last point scores the stage's own output."""
+    curve_settings = ("curve_prompts=2", "eval_latent_frames=3")
+    config = world("ode_init.eval_every=3", "dmd.eval_every=1", *(f"{s}.{c}" for s in ("ode_init", "dmd") for c in curve_settings))
+    outputs = run_stages(config, ["trajectories", "ode_init", "dmd"])
+    tracking.configure(config)
+    client = mlflow.MlflowClient()
+    keys = [f"curve/{k}_accuracy" for k in ("color", "shape", "motion", "background")]
+    for stage, steps in (("ode_init", [3]), ("dmd", [1, 2])):
+        run_id = storage.read_manifest(outputs[stage])["mlflow_run_id"]
+        histories = {k: client.get_metric_history(run_id, k) for k in keys}
+        assert all([m.step for m in h] == steps for h in histories.values()), (stage, histories)
+    curve = curve_for("tiny", config.dmd, config.teacher.seed)
+    assert curve is not None and [p["caption"] for p in curve.prompts] == [p["caption"] for p in heldout_prompts(2, config.teacher.seed)]
+    vae = load_model(storage.join(plan(config).output_uri("vae"), MODEL_FILE))
+    exported = load_model(storage.join(outputs["dmd"], MODEL_FILE), mode="block_causal")
+    final = curve_scores(exported, {"vae": vae}, curve, "tiny")
+    assert {f"curve/{k}": v for k, v in final.items()} == {k: histories[k][-1].value for k in keys}

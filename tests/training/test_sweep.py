@@ -8,20 +8,24 @@ import yaml
 from infra import storage
 from infra.cli import main
 from tests.world import FAST
-from training.sweep import TABLE_KEYS, format_table, run_sweep
+from training.sweep import ROLLOUT_KEYS, TABLE_KEYS, format_table, markdown_table, run_sweep
 
 TABLE4 = str(Path(__file__).parents[2] / "configs" / "sweep_table4.yaml")
 
 
-def test_table_has_a_column_per_oracle_attribute_and_dashes_for_missing_scores() -> None:
+def test_table_has_a_column_per_oracle_attribute_and_rollout_figure_and_dashes_for_missing_scores() -> None:
     rows = [
-        {"name": "few-step, DMD", **dict.fromkeys(TABLE_KEYS, 0.25)},
+        {"name": "few-step, DMD", **dict.fromkeys(TABLE_KEYS, 0.25), **dict.fromkeys(ROLLOUT_KEYS, 0.5),
+         "oracle_shape_accuracy_interval": [0.125, 0.375]},
         {"name": "teacher (many-step)", **dict.fromkeys(TABLE_KEYS), "oracle_color_accuracy": 1.0},
     ]
     header, dmd, teacher = format_table(rows).splitlines()
-    assert header.split() == ["row", "color", "shape", "motion", "background"]
-    assert dmd.split()[-4:] == ["0.250"] * 4
-    assert teacher.split()[-4:] == ["1.000", "-", "-", "-"]
+    assert header.split() == ["row", "color", "shape", "motion", "background", *ROLLOUT_KEYS]
+    assert dmd.split()[-9:] == ["0.250"] * 4 + ["0.500"] * 5
+    assert teacher.split()[-9:] == ["1.000"] + ["-"] * 8
+    _, _, dmd_md, teacher_md = markdown_table(rows).splitlines()
+    assert dmd_md.split(" | ")[1:4] == ["0.250", "0.250 (0.12-0.38)", "0.250"]
+    assert teacher_md.split(" | ")[1:3] == ["1.000", "-"]
 
 
 @pytest.mark.parametrize("case", ["missing", "bad-row"])
@@ -37,7 +41,8 @@ def test_cli_sweep_mistakes_are_one_line_errors(case: str, tmp_path: Path, capsy
 
 @pytest.mark.usefixtures("ray_local")
 def test_table4_sweep_on_the_tiny_world_writes_every_row(world, world_root: Path, tmp_path: Path) -> None:
-    """Micro settings: the rows share the world's teachers, trajectories and ODE init; `dmd` runs per row."""
+    """Micro settings: the rows share the world's teachers, trajectories and ODE init; `dmd` and the student's
+    `evaluate` run per row, the teachers' `evaluate` once."""
     world()
     sweep = yaml.safe_load(Path(TABLE4).read_text())
     del sweep["config"]  # the world is built on the embedded default
@@ -62,5 +67,19 @@ def test_table4_sweep_on_the_tiny_world_writes_every_row(world, world_root: Path
         ("bidirectional", True, "self"),
     ]
     assert len({row["output"] for row in rows}) == len(rows)
-    assert storage.read_json(storage.join(storage.normalize(str(world_root)), "sweeps", "table4.json")) == rows
+    # every student row is scored on its own rollouts, the many-step rows on one evaluation of both teachers
+    evaluations = [row["evaluation"] for row in rows]
+    assert evaluations[0] == evaluations[1] and len(set(evaluations[1:])) == len(rows) - 1
+    for row, model in zip(rows, ["teacher", "causal_teacher", *["dmd_student"] * 5]):
+        summary = storage.read_json(storage.join(row["evaluation"], "summary.json"))["models"]
+        assert list(summary) == ([model] if model == "dmd_student" else ["causal_teacher", "teacher"])
+        assert (row["persistence"], row["shape_drift"]) == (summary[model]["persistence"], summary[model]["drift_ratio"]["shape_acc"])
+    sweeps = storage.join(storage.normalize(str(world_root)), "sweeps")
+    assert storage.read_json(storage.join(sweeps, "table4.json")) == rows
+    curves = storage.read_json(storage.join(sweeps, "table4", "per_second.json"))
+    assert sorted(curves) == sorted(row["name"] for row in rows)
+    assert all(len(c["shape_acc"]) == 2 for c in curves.values())  # evaluate.seconds=2: one value per second
+    plots = {Path(name).name for name in storage.list_files(storage.join(sweeps, "table4", "plots"))}
+    assert {"shape_acc.png", "color_acc.png", "crispness.png"} <= plots
     assert len(format_table(rows).splitlines()) == 1 + len(rows)
+    assert len(storage.read_bytes(storage.join(sweeps, "table4.md")).decode().splitlines()) == 2 + len(rows)
