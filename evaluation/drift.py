@@ -62,14 +62,14 @@ def plot_metric(metric: str, curves: Mapping[str, Sequence[float]], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6 + 0.2 * len(curves)), dpi=100)
     for model, values in curves.items():
         ax.plot(np.arange(len(values)) + 1, values, marker="o", markersize=3, label=model)
     ax.set_xlabel("second of video")
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(f"{metric.replace('_', ' ')} over the rollout")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)  # below: no curve hidden
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

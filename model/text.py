@@ -64,7 +64,13 @@ class HFTextEncoder:
         if (directory / "text_encoder").is_dir():
             weights, tokens = directory / "text_encoder", directory / "tokenizer"
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokens), local_files_only=True)
-        self.model: nn.Module = loaders[kind].from_pretrained(str(weights), local_files_only=True)
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # its loading bar would break the console's own lines
+        try:
+            self.model: nn.Module = loaders[kind].from_pretrained(str(weights), local_files_only=True)
+        finally:
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
         self.clean = wan_prompt_clean if kind == "umt5" else str
         self.model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
