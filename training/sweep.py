@@ -113,13 +113,17 @@ def _cell(value: Any, interval: Sequence[float] | None = None) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as a Markdown table: oracle accuracies with their 95 % intervals, then the rollout figures."""
-    heads = [k.split("_")[1] for k in TABLE_KEYS] + [k.replace("_", " ") for k in ROLLOUT_KEYS]
-    lines = ["| row | " + " | ".join(heads) + " |", "|---" * (1 + len(heads)) + "|"]
-    for row in rows:
-        cells = [_cell(row.get(k), row.get(f"{k}_interval")) for k in TABLE_KEYS] + [_cell(row.get(k)) for k in ROLLOUT_KEYS]
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The rows as a Markdown table (the evaluation's table writer): oracle accuracies with their 95 % intervals,
+    then the rollout figures."""
+    cells = [
+        {
+            "row": row["name"],
+            **{k.split("_")[1]: _cell(row.get(k), row.get(f"{k}_interval")) for k in TABLE_KEYS},
+            **{k.replace("_", " "): _cell(row.get(k)) for k in ROLLOUT_KEYS},
+        }
+        for row in rows
+    ]
+    return drift.markdown_table(cells)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
