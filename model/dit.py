@@ -58,6 +58,10 @@ class DiTConfig:
     null_text_len: int = 1
     eps: float = 1e-6
     architecture: str = "causvid"
+    pooled_text: bool = False
+    """Add the caption's mean token, through a zero-initialised MLP, to the timestep embedding: the adaLN
+    conditioning of many DiTs, which reaches every token's modulation, where cross-attention alone leaves a
+    caption's global attributes (a motion's direction) to be read token by token."""
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -202,6 +206,12 @@ def apply_rope(x: Tensor, rotary: Tensor) -> Tensor:
     return torch.view_as_real(pairs * rotary).flatten(-2).type_as(x)
 
 
+def pooled_caption(text: Tensor, mask: Tensor) -> Tensor:
+    """Mean of a caption's real tokens, ``text [B, L, D]`` under ``mask [B, L]`` -> ``[B, D]`` (zero if none)."""
+    weights = mask.to(text.dtype)[..., None]
+    return (text * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of flow times ``t [...]`` scaled to 0..1000: ``[..., dim]`` (cos first, as in Wan)."""
     half = dim // 2
@@ -340,6 +350,9 @@ class DiT(nn.Module):
         )
         self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.text_pool: nn.Module | None = None
+        if cfg.pooled_text:
+            self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.head_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.head_modulation = nn.Parameter(torch.zeros(1, 1, 2, cfg.dim))
@@ -357,6 +370,8 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.bias)
         if self.cfg.architecture == "causvid":
             nn.init.normal_(self.null_text_embedding, std=0.02)
+        if self.text_pool is not None:
+            nn.init.zeros_(self.text_pool[-1].weight)  # starts as the timestep-only model
         modulations = [self.head_modulation, *(b.modulation for b in self.blocks)]
         if adaln_zero:
             for p in [*modulations, self.time_proj[-1].weight, self.head.weight]:
@@ -429,6 +444,8 @@ class DiT(nn.Module):
 
         tokens = self.embed_patches(x.to(self.head.weight.dtype))
         e = self.time_embed(timestep_embedding(t, cfg.freq_dim).to(tokens.dtype))
+        if self.text_pool is not None:
+            e = e + self.text_pool(pooled_caption(text, text_mask).to(tokens.dtype))[:, None]
         e_mod = self.time_proj(e).unflatten(-1, (6, cfg.dim))
         keep_caption = cache is not None and not torch.is_grad_enabled()  # kept values would carry no gradient
         context_kv = cache.caption_kv(text, text_mask) if keep_caption else None

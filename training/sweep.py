@@ -46,16 +46,7 @@ def run_sweep(
     The table goes to ``<root>/sweeps/<name>.json`` and ``<name>.md``, the rollouts' mean per-second curves of every
     row to ``<name>/per_second.json`` and one plot per metric to ``<name>/plots/``.
     """
-    if not Path(sweep_path).is_file():
-        raise ConfigError(f"sweep file not found: {sweep_path} (pass an existing YAML file, e.g. configs/sweep_table4.yaml)")
-    sweep = yaml.safe_load(Path(sweep_path).read_text())
-    base = config_path or sweep.get("config")
-    shared = [*sweep.get("set", []), *overrides]
-    configs = [
-        (row, load_config(base, [*shared, *row.get("set", []), f"evaluate.models=[{STUDENT}]", NO_APPLICATIONS]))
-        for row in sweep["rows"]
-    ]
-    reference = load_config(base, [*shared, f"evaluate.models=[{','.join(MANY_STEP)}]", NO_APPLICATIONS])
+    sweep, configs, reference = sweep_configs(sweep_path, config_path, overrides)
     rows, curves = [], {}
     for row, config in configs:
         ensure_ray(config)
@@ -73,6 +64,24 @@ def run_sweep(
     rows = many_step + rows
     _publish(reference, sweep.get("name", "sweep"), rows, {row["name"]: curves[row["name"]] for row in rows})
     return rows
+
+
+def sweep_configs(
+    sweep_path: str, config_path: str | None, overrides: Sequence[str]
+) -> tuple[dict[str, Any], list[tuple[dict[str, Any], PipelineConfig]], PipelineConfig]:
+    """The sweep file, each row with its config (its student evaluated alone) and the many-step teachers' config;
+    a missing file or a bad override is a one-line ``ConfigError``."""
+    if not Path(sweep_path).is_file():
+        raise ConfigError(f"sweep file not found: {sweep_path} (pass an existing YAML file, e.g. configs/sweep_table4.yaml)")
+    sweep = yaml.safe_load(Path(sweep_path).read_text())
+    base = config_path or sweep.get("config")
+    shared = [*sweep.get("set", []), *overrides]
+    configs = [
+        (row, load_config(base, [*shared, *row.get("set", []), f"evaluate.models=[{STUDENT}]", NO_APPLICATIONS]))
+        for row in sweep["rows"]
+    ]
+    reference = load_config(base, [*shared, f"evaluate.models=[{','.join(MANY_STEP)}]", NO_APPLICATIONS])
+    return sweep, configs, reference
 
 
 def _row(name: str, sets: list[str], model_uri: str, evaluation_uri: str, model: str) -> tuple[dict[str, Any], dict]:

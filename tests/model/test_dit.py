@@ -265,3 +265,28 @@ def test_cached_caption_is_reused_without_gradients_and_recomputed_with_them(dit
     with_grad.square().mean().backward()
     assert torch.allclose(with_grad, first, atol=ATOL)
     assert dit.blocks[0].cross_attn.k.weight.grad.abs().sum() > 0 and dit.text_embed[0].weight.grad is not None
+
+
+def test_pooled_caption_conditioning_starts_as_identity_then_keeps_cache_and_padding_exact(
+    dit: DiT, make_text: Callable, make_dit: Callable
+) -> None:
+    pooled = make_dit(pooled_text=True)
+    missing, unexpected = pooled.load_state_dict(dit.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("text_pool.") for k in missing) and missing
+    emb, mask = make_text(batch=2, length=6)
+    mask[:, 4:] = False
+    x, t = _latents(frames=6)
+    with torch.no_grad():
+        assert torch.allclose(pooled(x, t, emb, mask), dit(x, t, emb, mask), atol=ATOL)
+        torch.nn.init.normal_(pooled.text_pool[-1].weight, std=0.5)
+        conditioned = pooled(x, t, emb, mask, mode="block_causal")
+        assert not torch.allclose(conditioned, dit(x, t, emb, mask, mode="block_causal"), atol=1e-3)
+        other = emb.clone()
+        other[:, 4:] = torch.randn(2, 2, 16)
+        assert torch.allclose(pooled(x, t, other, mask, mode="block_causal"), conditioned, atol=ATOL)
+        cache = pooled.new_cache()
+        for start in range(0, 6, 2):
+            sl = slice(start, start + 2)
+            out = pooled(x[:, sl], t[:, sl], emb, mask, mode="block_causal", cache=cache)
+            assert torch.allclose(out, conditioned[:, sl], atol=ATOL), f"chunk at frame {start}"
+            pooled(x[:, sl], t[:, sl], emb, mask, mode="block_causal", cache=cache, update_cache=True)

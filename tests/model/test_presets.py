@@ -13,14 +13,16 @@ WAN_1_3B_PARAMETERS = 1_419_000_896
 
 def dit_parameter_count(c: DiTConfig) -> int:
     """Closed form: per block 4+4 attention linears, 4 RMS norms, a cross-attention LayerNorm, the MLP and 6 D
-    modulation; plus patch, text and time embeddings, time projection, head and the null caption."""
+    modulation; plus patch, text and time embeddings, time projection, head, the null caption and the pooled
+    caption's MLP where the config has one."""
     d, f = c.dim, c.ffn_dim
     patch = c.in_channels * c.patch[0] * c.patch[1] * c.patch[2]
     linear = lambda i, o: i * o + o  # noqa: E731
     block = 8 * linear(d, d) + 4 * d + 2 * d + linear(d, f) + linear(f, d) + 6 * d
     embed = linear(patch, d) + linear(c.text_dim, d) + linear(d, d) + linear(c.freq_dim, d) + linear(d, d)
     head = linear(d, 6 * d) + 2 * d + linear(d, patch) + c.null_text_len * c.text_dim
-    return c.depth * block + embed + head
+    pooled = linear(c.text_dim, d) + linear(d, d) if c.pooled_text else 0
+    return c.depth * block + embed + head + pooled
 
 
 def test_wan_shape_builds_on_meta_with_expected_parameter_count() -> None:

@@ -8,9 +8,26 @@ import yaml
 from infra import storage
 from infra.cli import main
 from tests.world import FAST
-from training.sweep import ROLLOUT_KEYS, TABLE_KEYS, format_table, markdown_table, run_sweep
+from pipelines.workflow import plan
+from training.sweep import ROLLOUT_KEYS, TABLE_KEYS, format_table, markdown_table, run_sweep, sweep_configs
 
-TABLE4 = str(Path(__file__).parents[2] / "configs" / "sweep_table4.yaml")
+CONFIGS = Path(__file__).parents[2] / "configs"
+TABLE4 = str(CONFIGS / "sweep_table4.yaml")
+
+
+@pytest.mark.parametrize("sweep_file", sorted(p.name for p in CONFIGS.glob("sweep_*.yaml")))
+def test_every_shipped_sweep_shares_its_teachers_and_runs_a_distinct_dmd_per_row(
+    sweep_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(CONFIGS.parent)
+    _, configs, reference = sweep_configs(str(CONFIGS / sweep_file), None, [f"storage.root={tmp_path}"])
+    shared = plan(reference).fingerprints
+    dmd = [plan(config).fingerprints["dmd"] for _, config in configs]
+    assert len(set(dmd)) == len(configs) >= 2, "two rows would train the same student"
+    for _, config in configs:
+        fingerprints = plan(config).fingerprints
+        assert all(fingerprints[s] == shared[s] for s in ("vae", "teacher", "causal_teacher", "trajectories", "ode_init"))
+        assert config.evaluate.models == ["dmd_student"] and not config.evaluate.applications
 
 
 def test_table_has_a_column_per_oracle_attribute_and_rollout_figure_and_dashes_for_missing_scores() -> None:
