@@ -113,18 +113,18 @@ def test_zero0_loss_falls_and_logs_to_mlflow(tmp_path: Path, latents_uri: str) -
     run = client.create_run(client.create_experiment("harness", artifact_location=(tmp_path / "art").as_uri()))
     tracking = (client.tracking_uri, run.info.run_id)
     result = run_teacher(
-        tmp_path, latents_uri, "teacher.zero_stage=0", "teacher.steps=24", "teacher.batch_size=4", "teacher.lr=3e-3",
-        "teacher.log_every=4", "teacher.checkpoint_every=24", tracking=tracking,
+        tmp_path, latents_uri, "teacher.zero_stage=0", "teacher.steps=48", "teacher.batch_size=4", "teacher.lr=3e-3",
+        "teacher.log_every=8", "teacher.checkpoint_every=48", tracking=tracking,
     )
     client = mlflow.MlflowClient(tracking[0])
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
-    assert len(losses) == 6  # one mean per window of log_every steps
+    assert len(losses) == 6  # one mean per window of log_every steps (8: windows of 4 were within noise of 10 %)
     assert losses[-1] < 0.9 * losses[0], losses
     for name in ("lr", "grad_norm", "samples_per_s", "peak_mem_mb"):
         assert client.get_metric_history(run.info.run_id, name), name
     assert [a.path for a in client.list_artifacts(run.info.run_id, "weights")] == ["weights/model.pt"]
     payload = read_payload(result.model_uri)
-    assert (payload["kind"], payload["preset"], payload["mode"], payload["step"]) == ("dit", "tiny", "bidirectional", 24)
+    assert (payload["kind"], payload["preset"], payload["mode"], payload["step"]) == ("dit", "tiny", "bidirectional", 48)
 
 
 def test_killed_worker_resumes_from_last_checkpoint(tmp_path: Path, latents_uri: str) -> None:
