@@ -84,6 +84,7 @@ class Generator(nn.Module):
         self.clean_context = clean_context
         self.rollout = rollout
         self.register_buffer("student_times", student_times.float().clone())
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.ema = copy.deepcopy(dit).requires_grad_(False) if ema_decay else None
 
     def forward(
@@ -107,13 +108,22 @@ class Generator(nn.Module):
         x0 = self.dit.predict_x0(x_t, t, emb, mask, mode="block_causal")
         return x0, t > 0
 
+    def ema_step_decay(self) -> float:
+        """The decay of the next EMA update: ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates, the usual
+        warm-up (diffusers' ``EMAModel``), so a short run's EMA is not mostly its initial weights (a flat 0.99
+        keeps 37 % of them after 100 updates)."""
+        n = int(self.ema_updates)
+        return min(float(self.ema_decay or 0.0), (1 + n) / (10 + n))
+
     @torch.no_grad()
     def update_ema(self, gathered: bool = True) -> None:
         """``ema <- decay * ema + (1 - decay) * weights``; under ZeRO-3 call it inside a parameter gather."""
         if self.ema is None or self.ema_decay is None:
             return
+        decay = self.ema_step_decay()
         for e, p in zip(self.ema.parameters(), self.dit.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1.0 - self.ema_decay)
+            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+        self.ema_updates += 1
 
 
 class FakeScore(nn.Module):

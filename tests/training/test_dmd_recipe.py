@@ -152,9 +152,15 @@ def test_clean_context_chunks_carry_no_loss() -> None:
     torch.testing.assert_close(x.grad, frames[..., None].expand(2, 3, 4).float() / 12, rtol=0, atol=0)
 
 
-def test_ema_update_is_exact() -> None:
+def test_ema_warms_up_to_its_decay_and_each_update_is_exact() -> None:
     dit = PRESET.build_dit(attention_mode="block_causal")
     generator = Generator(dit, PRESET.schedule().student_times(), PRESET.chunk_frames, ema_decay=0.75)
+    decays = []
+    for _ in range(30):
+        decays.append(generator.ema_step_decay())
+        generator.update_ema()
+    assert decays[:3] == [1 / 10, 2 / 11, 3 / 12] and decays[25] == 26 / 35 and decays[26:] == [0.75] * 4
+    assert int(generator.ema_updates) == 30 and "ema_updates" in generator.state_dict()
     with torch.no_grad():
         for p in generator.dit.parameters():
             p.fill_(6.0)
@@ -171,7 +177,7 @@ def test_ema_follows_the_engine_and_the_anchor_adds_the_regression_loss(single_p
     before = {k: v.clone() for k, v in module.ema.state_dict().items()}
     values = task.train_step(0, step_batch(2 * BATCH, with_states=True), engines, frozen)
     for (k, e), w in zip(module.ema.state_dict().items(), module.dit.state_dict().values()):
-        torch.testing.assert_close(e, 0.5 * before[k] + 0.5 * w, rtol=0, atol=1e-7)
+        torch.testing.assert_close(e, 0.1 * before[k] + 0.9 * w, rtol=0, atol=1e-6)  # the warm-up's first decay
     assert float(values["regression_loss"]) > 0.1
     torch.testing.assert_close(
         float(values["generator_loss"]), float(values["dmd_loss"]) + 2.0 * float(values["regression_loss"]), rtol=1e-6, atol=0
