@@ -116,7 +116,7 @@ class Generator(nn.Module):
         return min(float(self.ema_decay or 0.0), (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update_ema(self, gathered: bool = True) -> None:
+    def update_ema(self) -> None:
         """``ema <- decay * ema + (1 - decay) * weights``; under ZeRO-3 call it inside a parameter gather."""
         if self.ema is None or self.ema_decay is None:
             return
