@@ -129,8 +129,10 @@ class TrainConfig(Section):
         default="constant", description="After the warmup: constant, or a cosine decay to `min_lr_ratio` of `lr`."
     )
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    precision: Literal["fp32", "bf16"] = Field(
-        default="fp32", description="bf16: autocast compute (AMX on CPU, tensor cores on GPU), fp32 master weights."
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="bf16: autocast compute (AMX on CPU, tensor cores on GPU), fp32 master weights; auto: bf16 where "
+        "the device computes it natively, fp32 elsewhere (a CPU without AVX512-BF16 or AMX emulates every bf16 matmul).",
     )
     compile: bool = Field(default=False, description="torch.compile the trained networks (pays off on long runs).")
     cpus_per_worker: int = Field(default=1, ge=1, description="CPUs each worker reserves; its torch threads.")
@@ -229,8 +231,10 @@ class TrajectoriesConfig(Section):
     batch_size: int = Field(default=8, ge=1, description="Prompts per teacher batch inside an actor.")
     actors: int | None = Field(default=None, ge=1, description="Teacher actors (default: one per free CPU or GPU).")
     use_gpu: bool = False
-    precision: Literal["fp32", "bf16"] = Field(
-        default="fp32", description="bf16: the teacher's ODE under bf16 autocast (its fp32 weights kept); states stored fp32."
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="fp32",
+        description="bf16: the teacher's ODE under bf16 autocast (its fp32 weights kept); states stored fp32; auto: "
+        "bf16 where the device computes it natively.",
     )
     seed: int = 0
 

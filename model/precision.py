@@ -16,6 +16,8 @@ from torch import nn
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+PrecisionChoice = Literal["auto", "fp32", "bf16"]
+"""What a config asks for: ``auto`` is bf16 where the device computes it natively, fp32 elsewhere."""
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -30,6 +32,25 @@ def default_precision(device: torch.device) -> Precision:
     """bf16 where it is native: on this kind of CPU the student's chunk runs about twice as fast and the VAE decode
     about nine times (fp32 convolutions this small fall back to a slow kernel), within the tested tolerances."""
     return "bf16" if has_native_bf16(device) else "fp32"
+
+
+def resolve_precision(choice: PrecisionChoice, device: torch.device) -> Precision:
+    """The precision a config's ``choice`` runs in on ``device``: ``auto`` follows :func:`default_precision`."""
+    if choice == "auto":
+        return default_precision(device)
+    dtype_of(choice)
+    return choice
+
+
+def precision_note(choice: PrecisionChoice, device: torch.device) -> str:
+    """One line for the console: what ``choice`` resolved to, and a warning where bf16 would be emulated."""
+    precision = resolve_precision(choice, device)
+    if precision == "bf16" and not has_native_bf16(device):
+        return (
+            "precision bf16 on a device without native bf16: every matmul is emulated, often 100x slower than "
+            "fp32; set precision: auto (or fp32)"
+        )
+    return f"precision {precision}" + (" (auto)" if choice == "auto" else "")
 
 
 def dtype_of(precision: Precision) -> torch.dtype:

@@ -41,6 +41,7 @@ import torch
 
 from infra import storage, tracking
 from infra.errors import UserError
+from model.precision import resolve_precision
 from model.presets import get_preset
 from model.streaming import teacher_sample
 from model.text import check_text_width
@@ -153,7 +154,8 @@ class TeacherSolver:
         emb, mask = read_text([(p["text_uri"], p["text_row"]) for p in prompts])
         shape = self.preset.latent_shape()
         noise = torch.stack([prompt_noise(p["seed"], shape) for p in prompts]).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s["precision"] == "bf16"):
+        bf16 = resolve_precision(s["precision"], self.device) == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             trajectory = teacher_sample(
                 self.teacher,
                 (torch.from_numpy(emb).to(self.device), torch.from_numpy(mask).to(self.device)),

@@ -51,7 +51,6 @@ MICRO_PIPELINE = (
     "teacher.curve_prompts=2",
     "teacher.curve_steps=2",
     "teacher.curriculum=[{latent_frames: 1, steps: 1}, {latent_frames: 3, steps: 1}]",
-    "teacher.precision=bf16",
     "trajectories.num_prompts=4",
     "trajectories.ode_steps=4",
     "trajectories.rows_per_shard=2",

@@ -12,6 +12,7 @@ against this machine's dense matmul rate in bf16 and fp32, measured in the same 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from infra import storage
 from infra.cluster import ensure_ray
 from infra.config import load_config
 from model.bench import matmul_rate
+from model.precision import has_native_bf16
 from model.presets import get_preset
 from pipelines.latents import latent_rows, training_dataset, write_latent_shard
 from training.harness import TrainJob, fit
@@ -36,7 +38,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="causvid bench train", description=__doc__)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--zero-stages", default="2", help="comma-separated ZeRO stages")
-    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument(
+        "--precisions", default=None, help="comma-separated: fp32, bf16 (default: both where bf16 is native, else fp32)"
+    )
     parser.add_argument("--compile", default="false,true", help="comma-separated: false (eager), true (torch.compile)")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
@@ -120,7 +124,7 @@ def measure(
         "batch_size_per_worker": args.batch_size,
         "samples_per_s": round(result.metrics["samples_per_s"], 3),
         "model_flops_per_s": round(model_rate),
-        "fraction_of_bf16_matmul": round(model_rate / rates["bf16"], 4),
+        "fraction_of_bf16_matmul": round(model_rate / rates["bf16"], 4) if math.isfinite(rates["bf16"]) else None,
         "fraction_of_fp32_matmul": round(model_rate / rates["fp32"], 4),
         "samples_per_s_per_worker": round(result.metrics["samples_per_s"] / workers, 3),
         "peak_mem_mb": round(result.metrics["peak_mem_mb"], 1),
@@ -133,15 +137,17 @@ def main(argv: list[str]) -> dict[str, Any]:
     p = get_preset(args.preset)
     ensure_ray(load_config(None, [f"ray.num_cpus={args.num_cpus}"] if args.num_cpus else []))
     device = torch.device("cuda" if args.gpu else "cpu")
+    native_bf16 = has_native_bf16(device)
+    precisions = args.precisions or ("fp32,bf16" if native_bf16 else "fp32")
     rates = {
-        "bf16": matmul_rate(device, n=2048, dtype=torch.bfloat16),
+        "bf16": matmul_rate(device, n=2048, dtype=torch.bfloat16) if native_bf16 else math.nan,
         "fp32": matmul_rate(device, n=2048, dtype=torch.float32),
         "flops_per_sample": flops_per_sample(args.preset, args.batch_size, args.latent_frames),
         "cpus": int(ray.cluster_resources().get("CPU", 1)),
     }
     grid = [
         {"precision": precision, "compile": compiled == "true", "zero_stage": int(zero), "workers": int(workers)}
-        for precision in args.precisions.split(",")
+        for precision in precisions.split(",")
         for compiled in args.compile.split(",")
         for zero in args.zero_stages.split(",")
         for workers in args.workers.split(",")
@@ -159,7 +165,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "device": "gpu" if args.gpu else "cpu",
         "measured_steps": args.measure,
         "peak_mem": "GPU max allocated" if args.gpu else "worker process max RSS",
-        "matmul_rate_bf16": round(rates["bf16"]),
+        "native_bf16": native_bf16,
+        "matmul_rate_bf16": round(rates["bf16"]) if native_bf16 else None,
         "matmul_rate_fp32": round(rates["fp32"]),
         "train_flops_per_sample": round(rates["flops_per_sample"]),
         "runs": runs,

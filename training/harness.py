@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from infra import storage, tracking
 from infra.config import TrainConfig
 from model import weights
+from model.precision import precision_note, resolve_precision
 from model.presets import get_preset
 from pipelines.video import encode_mp4
 from pipelines.workflow import StageContext
@@ -229,7 +230,8 @@ def deepspeed_config(section: TrainConfig, spec: EngineSpec, world_size: int) ->
 
 def autocast(section: TrainConfig, device: torch.device) -> Any:
     """The compute-precision context of a training step: bf16 autocast (fp32 weights) or plain fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=section.precision == "bf16")
+    bf16 = resolve_precision(section.precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _scalars(values: Mapping[str, Tensor | float]) -> dict[str, float]:
@@ -453,6 +455,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         random.seed(section.seed + rank)
 
     sink = _Logger(job.tracking_uri, job.run_id, config["console"]) if rank == 0 else None
+    if sink is not None:
+        sink.line(precision_note(section.precision, device))
     if sink is not None and resumed_from is not None:
         sink.line(f"resumed from step {resumed_from} (epoch {epoch}, batch {batch_in_epoch})")
 

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from model.precision import for_inference, has_native_bf16, in_precision, weights_dtype
+from model.precision import (
+    for_inference,
+    has_native_bf16,
+    in_precision,
+    precision_note,
+    resolve_precision,
+    weights_dtype,
+)
 from model.presets import get_preset
 from model.streaming import stream
 from model.vae import VAE
@@ -95,3 +102,16 @@ def test_stage_samples_run_in_bf16_on_copies_and_leave_the_callers_weights_fp32(
     assert np.abs(bf16.astype(int) - fp32.astype(int)).mean() < 1.5  # grey levels of 255; measured 0.8
     with pytest.raises(ValueError, match="precision must be one of"):
         in_precision(dit, "fp16")
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively() -> None:
+    cpu = torch.device("cpu")
+    native = has_native_bf16(cpu)
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert (resolve_precision("fp32", cpu), resolve_precision("bf16", cpu)) == ("fp32", "bf16")
+    assert precision_note("fp32", cpu) == "precision fp32"
+    assert precision_note("auto", cpu) == f"precision {'bf16' if native else 'fp32'} (auto)"
+    emulated = precision_note("bf16", cpu)
+    assert emulated.startswith("precision bf16 on a device without native bf16") != native
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", cpu)
