@@ -46,10 +46,7 @@ def precision_note(choice: PrecisionChoice, device: torch.device) -> str:
     """One line for the console: what ``choice`` resolved to, and a warning where bf16 would be emulated."""
     precision = resolve_precision(choice, device)
     if precision == "bf16" and not has_native_bf16(device):
-        return (
-            "precision bf16 on a device without native bf16: every matmul is emulated, often 100x slower than "
-            "fp32; set precision: auto (or fp32)"
-        )
+        return "precision bf16, emulated on this device (no AVX512-BF16 or AMX): many times slower than fp32; set precision: auto"
     return f"precision {precision}" + (" (auto)" if choice == "auto" else "")
 
 
