@@ -6,7 +6,8 @@ preset's shape. The run takes ``2 * measure`` steps with one log window of ``mea
 (worker start, compilation, DeepSpeed's first steps) is dropped and the second gives samples/s (all workers
 together) and the peak memory of rank 0's worker (accelerator memory on GPU, resident set size on CPU). Model
 FLOP/s are samples/s times the FLOPs of one sample's forward and backward (counted by torch's FLOP counter), set
-against this machine's dense matmul rate in bf16 and fp32, measured in the same run.
+against this machine's dense matmul rate in bf16 and fp32, measured in the same run. bf16 is measured only where
+the device computes it natively: elsewhere torch emulates it, orders of magnitude slower than fp32.
 """
 
 from __future__ import annotations
