@@ -13,7 +13,6 @@ the device computes it natively: elsewhere torch emulates it, orders of magnitud
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +97,7 @@ def flops_per_sample(preset: str, batch_size: int, latent_frames: int | None = N
 
 
 def measure(
-    preset: str, latents_uri: str, out: str, run: dict[str, Any], args: argparse.Namespace, rates: dict[str, float]
+    preset: str, latents_uri: str, out: str, run: dict[str, Any], args: argparse.Namespace, rates: dict[str, Any]
 ) -> dict[str, Any]:
     zero, workers = run["zero_stage"], run["workers"]
     config = load_config(
@@ -125,7 +124,7 @@ def measure(
         "batch_size_per_worker": args.batch_size,
         "samples_per_s": round(result.metrics["samples_per_s"], 3),
         "model_flops_per_s": round(model_rate),
-        "fraction_of_bf16_matmul": round(model_rate / rates["bf16"], 4) if math.isfinite(rates["bf16"]) else None,
+        "fraction_of_bf16_matmul": round(model_rate / rates["bf16"], 4) if rates["bf16"] else None,
         "fraction_of_fp32_matmul": round(model_rate / rates["fp32"], 4),
         "samples_per_s_per_worker": round(result.metrics["samples_per_s"] / workers, 3),
         "peak_mem_mb": round(result.metrics["peak_mem_mb"], 1),
@@ -141,7 +140,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     native_bf16 = has_native_bf16(device)
     precisions = args.precisions or ("fp32,bf16" if native_bf16 else "fp32")
     rates = {
-        "bf16": matmul_rate(device, n=2048, dtype=torch.bfloat16) if native_bf16 else math.nan,
+        "bf16": matmul_rate(device, n=2048, dtype=torch.bfloat16) if native_bf16 else None,
         "fp32": matmul_rate(device, n=2048, dtype=torch.float32),
         "flops_per_sample": flops_per_sample(args.preset, args.batch_size, args.latent_frames),
         "cpus": int(ray.cluster_resources().get("CPU", 1)),
@@ -167,7 +166,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         "measured_steps": args.measure,
         "peak_mem": "GPU max allocated" if args.gpu else "worker process max RSS",
         "native_bf16": native_bf16,
-        "matmul_rate_bf16": round(rates["bf16"]) if native_bf16 else None,
+        "matmul_rate_bf16": round(rates["bf16"]) if rates["bf16"] else None,
         "matmul_rate_fp32": round(rates["fp32"]),
         "train_flops_per_sample": round(rates["flops_per_sample"]),
         "runs": runs,
