@@ -28,6 +28,7 @@ import ray
 import torch
 
 from infra import storage
+from infra.shards import shard_dataset
 from model.vae import pixels_to_video
 from model.weights import MODEL_FILE, load_model
 from pipelines.workflow import StageContext
@@ -137,16 +138,8 @@ def read_shard_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def training_dataset(uri: str) -> ray.data.Dataset:
-    """Latents ``[F, C, h, w]``, text embeddings ``[L, D]`` and masks ``[L]`` per row, for `iter_torch_batches`.
-
-    One block per shard, read by tasks that reserve no CPU: training workers may hold every CPU of a small
-    cluster, and this light work then shares their cores instead of waiting for a free one.
-    """
-    files = storage.parquet_files(uri)
-    if not files:
-        raise FileNotFoundError(f"{uri} holds no latent shards")
-    shards = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
-    return shards.map_batches(read_shard_arrays, batch_size=1, batch_format="numpy", num_cpus=0)
+    """Latents ``[F, C, h, w]``, text embeddings ``[L, D]`` and masks ``[L]`` per row, for `iter_torch_batches`."""
+    return shard_dataset(uri, read_shard_arrays, "latent")
 
 
 class ShardEncoder:

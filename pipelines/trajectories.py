@@ -41,6 +41,7 @@ import torch
 
 from infra import storage, tracking
 from infra.errors import UserError
+from infra.shards import shard_dataset
 from model.precision import resolve_precision
 from model.presets import get_preset
 from model.streaming import teacher_sample
@@ -209,11 +210,7 @@ def read_shard_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def training_dataset(uri: str) -> ray.data.Dataset:
     """Trajectory rows joined with their text embeddings, for `iter_torch_batches` (one block per shard)."""
-    files = storage.parquet_files(uri)
-    if not files:
-        raise FileNotFoundError(f"{uri} holds no trajectory shards")
-    shards = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
-    return shards.map_batches(read_shard_arrays, batch_size=1, batch_format="numpy", num_cpus=0)
+    return shard_dataset(uri, read_shard_arrays, "trajectory")
 
 
 def check_complete(output_uri: str, shards: int, num_prompts: int) -> int:

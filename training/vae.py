@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from infra import storage, tracking
 from infra.config import VaeConfig
+from infra.shards import shard_dataset
 from model.presets import get_preset
 from model.vae import VAE, pixels_to_video, video_to_pixels
 from model.weights import load_model, read_payload, save_model
@@ -125,12 +126,8 @@ def read_clip_frames(batch: dict[str, np.ndarray], holdout: frozenset[str] = fro
 
 
 def clip_dataset(clips_uri: str, holdout: frozenset[str]) -> ray.data.Dataset:
-    """Training clips as ``frames`` rows, one block per shard, read by tasks that reserve no CPU."""
-    files = storage.parquet_files(clips_uri)
-    shards = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
-    return shards.map_batches(
-        read_clip_frames, batch_size=1, batch_format="numpy", num_cpus=0, fn_kwargs={"holdout": holdout}
-    )
+    """Training clips as ``frames`` rows, one block per shard."""
+    return shard_dataset(clips_uri, read_clip_frames, "clip", holdout=holdout)
 
 
 def heldout_rows(clips_uri: str, count: int) -> dict[str, list[Any]]:
