@@ -22,7 +22,7 @@ Clip shards (`clips-gGGGGG-PPP.parquet`, at most `rows_per_shard` rows each), on
     fps            float32  target frame rate
     num_frames     int32    T = clip_frames (1 + 4n)
     height, width  int32    H x W (the preset's, e.g. 480 x 832 for Wan)
-    frames         binary   the clip as an H.264 MP4 (lossless RGB, or 4:2:0 at `clips.crf`); see decode_clips
+    frames         binary   the clip as an H.264 MP4 (lossless RGB, or 4:2:0 at `clips.crf`); see shard_rows.decode_clips
     motion_score   float32  mean absolute frame difference in 0..1
     text_emb       binary   float32 little-endian, C order, shape [L, D], zero where masked
     text_mask      binary   uint8 (1 = token), shape [L]
@@ -33,7 +33,8 @@ Clip shards (`clips-gGGGGG-PPP.parquet`, at most `rows_per_shard` rows each), on
     source_height  int32
     codec          string
 
-`read_clips(uri)` gives them as a Ray Dataset and `decode_clips(batch)` turns a batch into arrays.
+`read_clips(uri)` gives them as a Ray Dataset and `pipelines.shard_rows.decode_clips(batch)` turns a batch
+into arrays.
 Rejected rows: `video_index int64, uri string, caption string, reason string, detail string`, reasons
 in `REJECT_REASONS`.
 """
@@ -62,7 +63,7 @@ from infra import storage
 from infra.config import ClipsConfig
 from infra.preflight import check_manifest
 from model.presets import Preset, get_preset
-from pipelines.video import decode_clip, encode_clip
+from pipelines.video import encode_clip
 from pipelines.workflow import StageContext
 
 REJECT_REASONS = (
@@ -663,19 +664,3 @@ def read_clips(uri: str) -> ray.data.Dataset:
         raise FileNotFoundError(f"{uri} holds no clip shards")
     fs, _ = storage.resolve(uri)
     return ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs)
-
-
-def decode_clips(batch: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
-    """Arrays of a batch of clip rows (a Ray numpy batch or `table.to_pydict()`).
-
-    -> frames [B, T, H, W, 3] uint8, text_emb [B, L, D] float32, text_mask [B, L] bool, caption list[str].
-    """
-    frames = np.stack([decode_clip(f) for f in batch["frames"]])
-    text_emb = np.stack(
-        [
-            np.frombuffer(e, dtype="<f4").reshape(int(n), int(d))
-            for e, n, d in zip(batch["text_emb"], batch["text_len"], batch["text_dim"])
-        ]
-    )
-    text_mask = np.stack([np.frombuffer(m, dtype=np.uint8).astype(bool) for m in batch["text_mask"]])
-    return {"frames": frames, "text_emb": text_emb, "text_mask": text_mask, "caption": [str(c) for c in batch["caption"]]}

@@ -13,13 +13,13 @@ shards already written. Latent shards (`latents-<clip shard>.parquet`), one row 
     text_mask      binary   uint8 (1 = token), shape [L]
     text_len, text_dim      int32
 
-`read_latents(uri)` gives them as a Ray Dataset; `decode_latents(batch)` and `training_arrays(batch)` turn a
-batch into arrays.
+`read_latents(uri)` gives them as a Ray Dataset and `training_dataset(uri)` the training arrays of every row;
+`pipelines.shard_rows.decode_latents(batch)` turns a batch into arrays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from infra import storage
 from infra.shards import shard_dataset
 from model.vae import pixels_to_video
 from model.weights import MODEL_FILE, load_model
+from pipelines.shard_rows import decode_clips, read_latent_shards
 from pipelines.workflow import StageContext
 
 LATENT_SCHEMA = pa.schema(
@@ -86,60 +87,9 @@ def write_latent_shard(uri: str, rows: list[dict[str, Any]]) -> None:
     storage.write_parquet(uri, pa.Table.from_pylist(rows, schema=LATENT_SCHEMA))
 
 
-def decode_latents(batch: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
-    """Arrays of a batch of latent rows (a Ray numpy batch or `table.to_pydict()`).
-
-    -> latents [B, F, C, h, w] float32, text_emb [B, L, D] float32, text_mask [B, L] bool, caption, meta.
-    """
-    latents = np.stack(
-        [
-            np.frombuffer(z, dtype="<f4").reshape(int(f), int(c), int(h), int(w))
-            for z, f, c, h, w in zip(
-                batch["latents"],
-                batch["latent_frames"],
-                batch["latent_channels"],
-                batch["latent_height"],
-                batch["latent_width"],
-            )
-        ]
-    )
-    text_emb = np.stack(
-        [np.frombuffer(e, dtype="<f4").reshape(int(n), int(d)) for e, n, d in zip(batch["text_emb"], batch["text_len"], batch["text_dim"])]
-    )
-    text_mask = np.stack([np.frombuffer(m, dtype=np.uint8).astype(bool) for m in batch["text_mask"]])
-    return {
-        "latents": latents,
-        "text_emb": text_emb,
-        "text_mask": text_mask,
-        "caption": [str(c) for c in batch["caption"]],
-        "meta": [str(m) for m in batch["meta"]],
-    }
-
-
-def training_arrays(batch: Mapping[str, Sequence[Any]]) -> dict[str, np.ndarray]:
-    """The numeric columns a training step needs (Ray Data `map_batches` over latent rows)."""
-    arrays = decode_latents(batch)
-    return {"latents": arrays["latents"], "text_emb": arrays["text_emb"], "text_mask": arrays["text_mask"]}
-
-
-def read_latents(uri: str) -> ray.data.Dataset:
-    """The latent shards of a complete latents output as a Ray Dataset (columns as in the module docstring)."""
-    files = storage.parquet_files(uri)
-    if not files:
-        raise FileNotFoundError(f"{uri} holds no latent shards")
-    fs, _ = storage.resolve(uri)
-    return ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs)
-
-
-def read_shard_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data batch of shard URIs -> the training arrays of every row in those shards."""
-    tables = [storage.read_parquet(str(uri)) for uri in batch["uri"]]
-    return training_arrays(pa.concat_tables(tables).to_pydict())
-
-
 def training_dataset(uri: str) -> ray.data.Dataset:
     """Latents ``[F, C, h, w]``, text embeddings ``[L, D]`` and masks ``[L]`` per row, for `iter_torch_batches`."""
-    return shard_dataset(uri, read_shard_arrays, "latent")
+    return shard_dataset(uri, read_latent_shards, "latent")
 
 
 class ShardEncoder:
@@ -152,8 +102,6 @@ class ShardEncoder:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.clips import decode_clips
-
         out: dict[str, list[Any]] = {"shard": [], "rows": []}
         for shard_uri, name in zip(batch["uri"].tolist(), batch["name"].tolist()):
             table = storage.read_parquet(shard_uri)

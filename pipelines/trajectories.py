@@ -30,7 +30,6 @@ Shards (`trajectories-<k>.parquet`), one row per prompt:
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,11 +46,11 @@ from model.presets import get_preset
 from model.streaming import teacher_sample
 from model.text import check_text_width
 from model.weights import MODEL_FILE, load_model
+from pipelines.shard_rows import read_text, read_trajectory_shards
 from pipelines.workflow import StageContext
 
 SOLVER = "euler"
 DTYPE = "float32"
-TEXT_COLUMNS = ("text_emb", "text_mask", "text_len", "text_dim")
 TRAJECTORY_SCHEMA = pa.schema(
     [
         ("prompt_index", pa.int64()),
@@ -106,24 +105,6 @@ def list_prompts(latents_uri: str, num_prompts: int, seed: int) -> list[dict[str
     if not rows:
         raise FileNotFoundError(f"{latents_uri} holds no latent rows to take prompts from")
     return [{**rows[i % len(rows)], "prompt_index": i, "seed": noise_seed(seed, i)} for i in range(num_prompts)]
-
-
-def read_text(refs: Sequence[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Text embeddings ``[N, L, D]`` float32 and masks ``[N, L]`` bool of (latents shard, row) references."""
-    by_shard: dict[str, list[int]] = defaultdict(list)
-    for uri, row in refs:
-        by_shard[uri].append(int(row))
-    found: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-    for uri, wanted in by_shard.items():
-        table = storage.read_parquet(uri).select(list(TEXT_COLUMNS))
-        part = table.take(pa.array(sorted(set(wanted)))).to_pydict()
-        for row, emb, mask, length, dim in zip(sorted(set(wanted)), *(part[c] for c in TEXT_COLUMNS)):
-            found[(uri, row)] = (
-                np.frombuffer(emb, dtype="<f4").reshape(int(length), int(dim)),
-                np.frombuffer(mask, dtype=np.uint8).astype(bool),
-            )
-    embs, masks = zip(*(found[(uri, int(row))] for uri, row in refs))
-    return np.stack(embs), np.stack(masks)
 
 
 class TeacherSolver:
@@ -191,26 +172,9 @@ class TeacherSolver:
         ]
 
 
-def decode_trajectories(batch: Mapping[str, Sequence[Any]]) -> dict[str, np.ndarray]:
-    """Arrays of trajectory rows: states ``[B, S, F, C, h, w]``, x0 ``[B, F, C, h, w]``, text_emb, text_mask."""
-    shapes = list(zip(*(batch[k] for k in ("latent_frames", "latent_channels", "latent_height", "latent_width"))))
-    states = np.stack(
-        [np.frombuffer(z, dtype="<f4").reshape(len(ts), *map(int, shp)) for z, ts, shp in zip(batch["states"], batch["timesteps"], shapes)]
-    )
-    x0 = np.stack([np.frombuffer(z, dtype="<f4").reshape(*map(int, shp)) for z, shp in zip(batch["x0"], shapes)])
-    emb, mask = read_text(list(zip(batch["text_uri"], batch["text_row"])))
-    return {"states": states, "x0": x0, "text_emb": emb, "text_mask": mask}
-
-
-def read_shard_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data batch of trajectory shard URIs -> the training arrays of every row in those shards."""
-    tables = [storage.read_parquet(str(uri)) for uri in batch["uri"]]
-    return decode_trajectories(pa.concat_tables(tables).to_pydict())
-
-
 def training_dataset(uri: str) -> ray.data.Dataset:
     """Trajectory rows joined with their text embeddings, for `iter_torch_batches` (one block per shard)."""
-    return shard_dataset(uri, read_shard_arrays, "trajectory")
+    return shard_dataset(uri, read_trajectory_shards, "trajectory")
 
 
 def check_complete(output_uri: str, shards: int, num_prompts: int) -> int:

@@ -19,9 +19,9 @@ from infra.config import StudentConfig
 from model.distillation import ode_regression_loss
 from model.presets import get_preset
 from model.weights import load_model
-from pipelines import trajectories
 from pipelines.oracle import ORACLE_KEYS
 from pipelines.shapes_world import heldout_prompts
+from pipelines.shard_rows import decode_trajectories
 from pipelines.workflow import StageContext
 from training import sampling
 from training.harness import after_training
@@ -103,7 +103,7 @@ def regression_per_timestep(model_uri: str, trajectories_uri: str, preset_name: 
     p = get_preset(preset_name)
     student = load_model(model_uri, mode="block_causal")
     tables = [storage.read_parquet(uri) for uri in storage.parquet_files(trajectories_uri)]
-    batch = trajectories.decode_trajectories(pa.concat_tables(tables).slice(0, rows).to_pydict())
+    batch = decode_trajectories(pa.concat_tables(tables).slice(0, rows).to_pydict())
     states, x0 = torch.from_numpy(batch["states"]), torch.from_numpy(batch["x0"])
     emb, mask = torch.from_numpy(batch["text_emb"]), torch.from_numpy(batch["text_mask"])
     times = p.schedule().student_times(p.student_timesteps)

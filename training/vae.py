@@ -27,8 +27,8 @@ from infra.shards import shard_dataset
 from model.presets import get_preset
 from model.vae import VAE, pixels_to_video, video_to_pixels
 from model.weights import load_model, read_payload, save_model
-from pipelines.clips import decode_clips
 from pipelines.oracle import attributes, oracle_alignment
+from pipelines.shard_rows import decode_clips, read_clip_frames
 from pipelines.workflow import StageContext
 from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, after_training, fit, log_videos, stage_job
 
@@ -113,16 +113,6 @@ def roundtrip(vae: VAE, frames: np.ndarray, batch_size: int = 4) -> np.ndarray:
         video = pixels_to_video(frames[start : start + batch_size])
         out.append(video_to_pixels(vae.decode(vae.encode(video))))
     return np.concatenate(out)
-
-
-def read_clip_frames(batch: dict[str, np.ndarray], holdout: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
-    """Ray Data batch of clip-shard URIs -> ``frames [N, T, H, W, 3]`` uint8 of the clips not held out."""
-    table = pa.concat_tables([storage.read_parquet(str(uri)) for uri in batch["uri"]])
-    keep = [i for i, clip_id in enumerate(table["clip_id"].to_pylist()) if clip_id not in holdout]
-    rows = table.take(keep).to_pydict()
-    if not keep:
-        return {"frames": np.zeros((0, 1, 1, 1, 3), np.uint8)}
-    return {"frames": decode_clips(rows)["frames"]}
 
 
 def clip_dataset(clips_uri: str, holdout: frozenset[str]) -> ray.data.Dataset:

@@ -10,7 +10,7 @@ import pytest
 from infra import storage
 from infra.config import load_config
 from infra.errors import UserError
-from pipelines import clips
+from pipelines import clips, shard_rows
 from pipelines.oracle import describe
 from pipelines.workflow import StageContext
 
@@ -62,7 +62,7 @@ def test_clips_read_back_with_shapes_captions_and_embeddings(curated, clip_rows,
     ctx, result = curated
     rows = clip_rows
     assert len(rows) == result["counts"]["clips_out"] == 2 * (len(accepted_names) + 2)
-    batch = clips.decode_clips({key: [row[key] for row in rows] for key in rows[0]})
+    batch = shard_rows.decode_clips({key: [row[key] for row in rows] for key in rows[0]})
     assert batch["frames"].shape == (len(rows), CLIP_FRAMES, 64, 64, 3) and batch["frames"].dtype == np.uint8
     assert batch["text_emb"].shape == (len(rows), 32, 384) and batch["text_emb"].dtype == np.float32
     assert batch["text_mask"].shape == (len(rows), 32)
@@ -93,7 +93,7 @@ def test_shapes_world_clips_keep_their_attributes(clip_rows) -> None:
     rows = [r for r in clip_rows if "shapes" in r["uri"]]
     assert len(rows) == 4
     for row in rows:
-        frames = clips.decode_clips({k: [row[k]] for k in row})["frames"][0]
+        frames = shard_rows.decode_clips({k: [row[k]] for k in row})["frames"][0]
         meta = json.loads(row["meta"])
         found = describe(frames)
         assert {k: found[k] for k in ("shape", "color", "background", "motion")} == {
@@ -216,7 +216,7 @@ def test_real_footage_curates_to_the_presets_shape(
     }
     for row in rows:
         assert (row["height"], row["width"], row["fps"], row["num_frames"]) == (height, width, fps, 17)
-        frames = clips.decode_clips({k: [row[k]] for k in row})["frames"][0]
+        frames = shard_rows.decode_clips({k: [row[k]] for k in row})["frames"][0]
         assert frames.shape == (17, height, width, 3) and frames.std() > 10
         assert len(row["frames"]) < frames.nbytes / (20 if row["height"] == 480 else 2)
     variable = sorted((r for r in rows if r["uri"].endswith("variable.mp4")), key=lambda r: r["start_frame"])

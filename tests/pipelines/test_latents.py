@@ -13,7 +13,7 @@ import torch
 from infra import storage
 from model.presets import get_preset
 from model.weights import MODEL_FILE, load_model, save_model
-from pipelines import latents
+from pipelines import latents, shard_rows
 from pipelines.clips import CLIP_SCHEMA
 from pipelines.shapes_world import render, sample_clip
 from pipelines.video import encode_clip
@@ -73,7 +73,7 @@ def test_latents_stage_encodes_every_clip_and_resumes(ray_local, make_config, tm
     assert result["summary"]["latent_shape"] == "2x8x16x16"
 
     table = pa.concat_tables([storage.read_parquet(f) for f in storage.list_files(out, ".parquet")]).sort_by("clip_id")
-    arrays = latents.decode_latents(table.to_pydict())
+    arrays = shard_rows.decode_latents(table.to_pydict())
     assert arrays["latents"].shape == (6, 2, 8, 16, 16)
     expected_rows = [clip_row(i) for i in range(6)]
     assert arrays["caption"] == [r["caption"] for r in expected_rows]

@@ -8,7 +8,7 @@ import ray
 from infra import storage
 from infra.config import load_config
 from model.presets import get_preset
-from pipelines import clips, synthetic
+from pipelines import clips, shard_rows, synthetic
 from pipelines.oracle import describe
 from pipelines.shapes_world import sample_clip
 from pipelines.video import decode_video
@@ -69,7 +69,7 @@ def test_clips_stage_reads_the_synthetic_output(rendered, tmp_path: Path) -> Non
     assert result["counts"]["accepted"] == 6 and result["counts"]["clips_out"] == 12
     storage.write_manifest(clips_ctx.output_uri, {"counts": result["counts"]})
     for row in clips.read_clips(clips_ctx.output_uri).take_all():
-        frames = clips.decode_clips({k: [row[k]] for k in row})["frames"][0]
+        frames = shard_rows.decode_clips({k: [row[k]] for k in row})["frames"][0]
         meta = json.loads(row["meta"])
         assert meta["index"] == row["video_index"]
         assert all(describe(frames)[a] == meta[a] for a in ("shape", "color", "background"))
@@ -97,5 +97,5 @@ def test_s3_round_trip(ray_local, s3_bucket: str) -> None:
     marker = storage.read_json(clips.group_marker(f"{root}/clips", 0))
     assert marker["counts"]["clips_out"] == 4 and not marker["rejected"]
     table = storage.read_parquet(f"{root}/clips/{marker['shards'][0]}")
-    batch = clips.decode_clips(table.to_pydict())
+    batch = shard_rows.decode_clips(table.to_pydict())
     assert batch["frames"].shape == (4, 17, 64, 64, 3) and batch["text_emb"].shape == (4, 4, 8)

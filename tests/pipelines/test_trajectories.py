@@ -17,7 +17,7 @@ from infra import storage, tracking
 from model.presets import get_preset
 from model.streaming import teacher_sample
 from model.weights import MODEL_FILE, load_model
-from pipelines import trajectories
+from pipelines import shard_rows, trajectories
 from pipelines.workflow import plan, run_stages
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -109,7 +109,7 @@ def test_states_match_a_direct_euler_solve(world) -> None:
     config = world()
     uri = run_stages(config, ["trajectories"])["trajectories"]
     row = storage.read_parquet(storage.join(uri, trajectories.shard_name(1))).slice(1, 1).to_pydict()
-    arrays = trajectories.decode_trajectories(row)
+    arrays = shard_rows.decode_trajectories(row)
     preset = get_preset("tiny")
     teacher = load_model(storage.join(plan(config).output_uri("teacher"), MODEL_FILE))
     assert row["prompt_index"] == [3] and row["seed"] == [trajectories.noise_seed(0, 3)]
