@@ -32,6 +32,6 @@ def shard_dataset(
         batch_size=1,
         batch_format="numpy",
         num_cpus=0,
-        concurrency=SHARD_READERS,
+        compute=ray.data.TaskPoolStrategy(size=SHARD_READERS),
         fn_kwargs=read_kwargs or None,
     )
