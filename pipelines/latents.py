@@ -13,8 +13,8 @@ shards already written. Latent shards (`latents-<clip shard>.parquet`), one row 
     text_mask      binary   uint8 (1 = token), shape [L]
     text_len, text_dim      int32
 
-`read_latents(uri)` gives them as a Ray Dataset and `training_dataset(uri)` the training arrays of every row;
-`pipelines.shard_rows.decode_latents(batch)` turns a batch into arrays.
+`training_dataset(uri)` gives the training arrays of every row as a Ray Dataset;
+`pipelines.shard_rows.decode_latents(batch)` turns a batch of rows into arrays.
 """
 
 from __future__ import annotations
