@@ -8,27 +8,35 @@ that row's student alone. The many-step teachers' rollouts are rendered once, by
 
 Each row holds the oracle's accuracies on the held-out prompts (the stage's own scoring, with its bootstrap
 interval over prompts) and, from the row's rollouts, the temporal and frame quality groups and the drift ratio
-(last 5 s over first 5 s) of shape and colour accuracy.
+(last 5 s over first 5 s) of shape and colour accuracy. A sweep file's ``reference`` names the row every other
+row is compared with prompt by prompt: the paired difference of each accuracy and its bootstrap interval over
+the same prompts, far tighter than two separate intervals, so an ordering of rows is a measured claim.
 """
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from evaluation import drift
 from infra import storage
 from infra.cluster import ensure_ray
 from infra.config import ConfigError, PipelineConfig, load_config
-from pipelines.oracle import ORACLE_KEYS
+from pipelines.oracle import ORACLE_KEYS, bootstrap_interval
+from pipelines.shapes_world import BACKGROUND_COLORS, MOTIONS, OBJECT_COLORS, SHAPES, ShapeClip
 from pipelines.workflow import plan, run_stages, select_stages
 from training.scoreboard import model_row
 
 TABLE_KEYS = tuple(f"oracle_{key}_accuracy" for key in ORACLE_KEYS)
+DIFFERENCE_KEYS = tuple(f"oracle_{key}_difference" for key in ORACLE_KEYS)
+"""Paired differences to the sweep's reference row, one per oracle attribute."""
 ROLLOUT_KEYS = ("persistence", "temporal_quality", "frame_quality", "shape_drift", "color_drift")
 """Rollout figures: the drift keys are the last-5-s over first-5-s ratios of shape and colour accuracy."""
 MANY_STEP = {"teacher": "teacher", "causal_teacher": "causal_teacher"}
@@ -47,11 +55,12 @@ def run_sweep(
     row to ``<name>/per_second.json`` and one plot per metric to ``<name>/plots/``.
     """
     sweep, configs, reference = sweep_configs(sweep_path, config_path, overrides)
-    rows, curves = [], {}
+    rows, curves, alignments = [], {}, {}
     for row, config in configs:
         ensure_ray(config)
         outputs = run_stages(config, select_stages(config, start=start, until="evaluate"), parent_run_name=f"sweep:{row['name']}")
-        entry, curves[row["name"]] = _row(row["name"], row.get("set", []), outputs["dmd"], outputs["evaluate"], STUDENT)
+        name = row["name"]
+        entry, curves[name], alignments[name] = _row(name, row.get("set", []), outputs["dmd"], outputs["evaluate"], STUDENT)
         rows.append(entry)
     ensure_ray(reference)
     evaluation = run_stages(reference, select_stages(reference, start=start, until="evaluate"), parent_run_name="sweep:many-step")
@@ -59,9 +68,11 @@ def run_sweep(
     many_step = []
     for model, stage in MANY_STEP.items():
         name = f"{model} (many-step)"
-        entry, curves[name] = _row(name, [], the_plan.output_uri(stage), evaluation["evaluate"], model)
+        entry, curves[name], alignments[name] = _row(name, [], the_plan.output_uri(stage), evaluation["evaluate"], model)
         many_step.append(entry)
     rows = many_step + rows
+    if sweep.get("reference"):
+        add_paired_differences(rows, alignments, sweep["reference"])
     _publish(reference, sweep.get("name", "sweep"), rows, {row["name"]: curves[row["name"]] for row in rows})
     return rows
 
@@ -74,6 +85,9 @@ def sweep_configs(
     if not Path(sweep_path).is_file():
         raise ConfigError(f"sweep file not found: {sweep_path} (pass an existing YAML file, e.g. configs/sweep_table4.yaml)")
     sweep = yaml.safe_load(Path(sweep_path).read_text())
+    names = [row["name"] for row in sweep["rows"]]
+    if sweep.get("reference") and sweep["reference"] not in names:
+        raise ConfigError(f"sweep reference {sweep['reference']!r} is not a row of {sweep_path} (rows: {', '.join(names)})")
     base = config_path or sweep.get("config")
     shared = [*sweep.get("set", []), *overrides]
     configs = [
@@ -84,11 +98,14 @@ def sweep_configs(
     return sweep, configs, reference
 
 
-def _row(name: str, sets: list[str], model_uri: str, evaluation_uri: str, model: str) -> tuple[dict[str, Any], dict]:
+def _row(
+    name: str, sets: list[str], model_uri: str, evaluation_uri: str, model: str
+) -> tuple[dict[str, Any], dict, dict[str, Any]]:
     """A table row (oracle accuracies with intervals from the model's own scoring, rollout figures from the
-    evaluation) and the model's per-second rollout curves."""
+    evaluation), the model's per-second rollout curves and its oracle scoring (empty when it has none)."""
     alignment_uri = storage.join(model_uri, "eval", "alignment.json")
-    scores = model_row(storage.read_json(alignment_uri)) if storage.exists(alignment_uri) else model_row({})
+    alignment = storage.read_json(alignment_uri) if storage.exists(alignment_uri) else {}
+    scores = model_row(alignment)
     summary = storage.read_json(storage.join(evaluation_uri, "summary.json"))["models"][model]
     groups = drift.summary_rows({model: summary})[0]
     rollout = {
@@ -102,7 +119,49 @@ def _row(name: str, sets: list[str], model_uri: str, evaluation_uri: str, model:
     row.update({f"oracle_{k}": v for k, v in scores.items()})
     row.update(rollout)
     per_second = storage.read_json(storage.join(evaluation_uri, "per_second.json"))[model]
-    return row, per_second
+    return row, per_second, alignment
+
+
+@lru_cache(maxsize=1)
+def _caption_attributes() -> dict[str, dict[str, str]]:
+    """Every shapes-world caption -> the attributes it asks for."""
+    return {
+        ShapeClip(shape, color, background, motion, 0.0, 0.0).caption: {
+            "shape": shape, "color": color, "background": background, "motion": motion
+        }
+        for shape, color, background, motion in itertools.product(SHAPES, OBJECT_COLORS, BACKGROUND_COLORS, MOTIONS)
+    }
+
+
+def prompt_hits(alignment: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Per oracle attribute, 1 or 0 per scored prompt: whether the oracle read what the caption asks for. Empty
+    when the scoring holds no readings or a caption is not of the shapes world."""
+    truth = _caption_attributes()
+    captions, detected = alignment.get("captions", []), alignment.get("detected", [])
+    if not captions or len(captions) != len(detected) or any(c not in truth for c in captions):
+        return {}
+    return {
+        key: np.array([found[key] == truth[caption][key] for caption, found in zip(captions, detected)], np.float64)
+        for key in ORACLE_KEYS
+    }
+
+
+def add_paired_differences(
+    rows: Sequence[dict[str, Any]], alignments: Mapping[str, Mapping[str, Any]], reference: str
+) -> None:
+    """Per row and attribute, ``oracle_<key>_difference`` (row minus ``reference``, over the prompts both scored)
+    and its percentile bootstrap interval over those prompts (``..._difference_interval``); ``None`` where the two
+    were not scored on the same captions."""
+    base = alignments[reference]
+    base_hits = prompt_hits(base)
+    for row in rows:
+        found = alignments[row["name"]]
+        hits = prompt_hits(found) if found.get("captions") == base.get("captions") else {}
+        for key in ORACLE_KEYS:
+            difference = hits[key] - base_hits[key] if hits and base_hits else None
+            row[f"oracle_{key}_difference"] = None if difference is None else float(difference.mean())
+            row[f"oracle_{key}_difference_interval"] = None if difference is None else bootstrap_interval(difference)
+        row["reference"] = reference
 
 
 def _publish(config: PipelineConfig, name: str, rows: list[dict[str, Any]], curves: Mapping[str, Any]) -> None:
@@ -121,9 +180,27 @@ def _cell(value: Any, interval: Sequence[float] | None = None) -> str:
     return f"{value:.3f}" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
 
 
+def _difference_cell(value: Any, interval: Sequence[float] | None) -> str:
+    if not isinstance(value, (int, float)) or not interval:
+        return "-"
+    return f"{value:+.3f} ({interval[0]:+.2f}..{interval[1]:+.2f})"
+
+
+def _differences(rows: Sequence[Mapping[str, Any]]) -> tuple[str | None, list[dict[str, str]]]:
+    """The reference row's name and, per row, its formatted paired differences (no reference: ``None, []``)."""
+    reference = next((row["reference"] for row in rows if row.get("reference")), None)
+    if reference is None:
+        return None, []
+    cells = [
+        {"row": row["name"], **{k.split("_")[1]: _difference_cell(row.get(k), row.get(f"{k}_interval")) for k in DIFFERENCE_KEYS}}
+        for row in rows
+    ]
+    return reference, cells
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The rows as a Markdown table (the evaluation's table writer): oracle accuracies with their 95 % intervals,
-    then the rollout figures."""
+    then the rollout figures; with a reference row, a second table of the paired differences to it."""
     cells = [
         {
             "row": row["name"],
@@ -132,11 +209,17 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         }
         for row in rows
     ]
-    return drift.markdown_table(cells)
+    table = drift.markdown_table(cells)
+    reference, differences = _differences(rows)
+    if reference is None:
+        return table
+    title = f"Paired difference to \"{reference}\" on the same prompts (95 % bootstrap interval over prompts):"
+    return f"{table}\n\n{title}\n\n{drift.markdown_table(differences)}"
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as a fixed-width text table: one column per oracle attribute, then the rollout figures."""
+    """The rows as a fixed-width text table: one column per oracle attribute, then the rollout figures; with a
+    reference row, a second block of the paired differences to it."""
     header = f"{'row':58s} " + " ".join(f"{k.split('_')[1]:>10s}" for k in TABLE_KEYS) + " " + " ".join(
         f"{k:>16s}" for k in ROLLOUT_KEYS
     )
@@ -145,4 +228,9 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells = " ".join(f"{row[k]:10.3f}" if isinstance(row.get(k), (int, float)) else f"{'-':>10s}" for k in TABLE_KEYS)
         rollout = " ".join(f"{row[k]:16.3f}" if isinstance(row.get(k), (int, float)) else f"{'-':>16s}" for k in ROLLOUT_KEYS)
         lines.append(f"{row['name'][:58]:58s} {cells} {rollout}")
+    reference, differences = _differences(rows)
+    if reference is not None:
+        lines += ["", f"paired difference to: {reference}", f"{'row':58s} " + " ".join(f"{k.split('_')[1]:>22s}" for k in TABLE_KEYS)]
+        for cell in differences:
+            lines.append(f"{cell['row'][:58]:58s} " + " ".join(f"{v:>22s}" for k, v in cell.items() if k != "row"))
     return "\n".join(lines)
