@@ -151,12 +151,13 @@ def add_paired_differences(
 ) -> None:
     """Per row and attribute, ``oracle_<key>_difference`` (row minus ``reference``, over the prompts both scored)
     and its percentile bootstrap interval over those prompts (``..._difference_interval``); ``None`` where the two
-    were not scored on the same captions."""
+    were not scored on the same captions at the same clip length."""
     base = alignments[reference]
     base_hits = prompt_hits(base)
     for row in rows:
         found = alignments[row["name"]]
-        hits = prompt_hits(found) if found.get("captions") == base.get("captions") else {}
+        alike = all(found.get(k) == base.get(k) for k in ("captions", "latent_frames"))
+        hits = prompt_hits(found) if alike else {}
         for key in ORACLE_KEYS:
             difference = hits[key] - base_hits[key] if hits and base_hits else None
             row[f"oracle_{key}_difference"] = None if difference is None else float(difference.mean())

@@ -70,12 +70,13 @@ def test_paired_differences_count_each_prompt_once_against_the_reference_row() -
         "reference": _alignment(prompts, {0: {"shape": "blob"}, 3: {"shape": "blob"}, 5: {"motion": "still"}}),
         "better": _alignment(prompts, {5: {"motion": "still"}, 6: {"color": "beige"}}),
         "other prompts": _alignment(heldout_prompts(9)[1:], {}),
+        "shorter clips": {**_alignment(prompts, {}), "latent_frames": 3},
     }
     assert prompt_hits(alignments["reference"])["shape"].tolist() == [0, 1, 1, 0, 1, 1, 1, 1]
     assert prompt_hits({"captions": ["a cat on a sofa"], "detected": [{}]}) == {}
     rows = [{"name": name} for name in alignments]
     add_paired_differences(rows, alignments, "reference")
-    reference, better, other = rows
+    reference, better, other, shorter = rows
     assert [reference[k] for k in DIFFERENCE_KEYS] == [0.0] * 4
     assert reference["oracle_shape_difference_interval"] == [0.0, 0.0]
     assert (better["oracle_shape_difference"], better["oracle_color_difference"], better["oracle_motion_difference"]) == (
@@ -84,7 +85,7 @@ def test_paired_differences_count_each_prompt_once_against_the_reference_row() -
     assert better["oracle_shape_difference_interval"] == bootstrap_interval(np.array([1.0, 0, 0, 1, 0, 0, 0, 0]))
     low, high = better["oracle_shape_difference_interval"]
     assert 0.0 <= low < 0.25 < high <= 0.5
-    assert all(other[k] is None and other[f"{k}_interval"] is None for k in DIFFERENCE_KEYS)
+    assert all(row[k] is None and row[f"{k}_interval"] is None for row in (other, shorter) for k in DIFFERENCE_KEYS)
     assert {row["reference"] for row in rows} == {"reference"}
 
 
