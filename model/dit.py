@@ -162,8 +162,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        """Normalised in fp32 (one fused kernel), returned in ``x``'s dtype so autocast's bf16 flows on."""
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -201,7 +201,8 @@ def rope_rotary(angles: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, rotary: Tensor) -> Tensor:
-    """Rotate adjacent pairs of ``x [B, H, N, Dh]`` (as complex numbers, in fp32) by ``rotary [N, Dh // 2]``."""
+    """Rotate adjacent pairs of ``x [B, H, N, Dh]`` (as complex numbers, in fp32) by ``rotary [N, Dh // 2]``;
+    also ``x [B, N, H * Dh]`` by ``rotary`` tiled over the heads, which needs no copy into head-major order."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * rotary).flatten(-2).type_as(x)
 
@@ -242,8 +243,9 @@ class SelfAttention(nn.Module):
         """``x: [B, N, D]``; ``rotary [N, head_dim // 2]`` at the N new tokens' positions; ``layout`` restricts
         which keys each chunk's queries see (None: all)."""
         split = "b n (h d) -> b h n d"
-        q = apply_rope(rearrange(self.norm_q(self.q(x)), split, h=self.heads), rotary)
-        k = apply_rope(rearrange(self.norm_k(self.k(x)), split, h=self.heads), rotary)
+        tiled = rotary.repeat(1, self.heads)
+        q = rearrange(apply_rope(self.norm_q(self.q(x)), tiled), split, h=self.heads)
+        k = rearrange(apply_rope(self.norm_k(self.k(x)), tiled), split, h=self.heads)
         v = rearrange(self.v(x), split, h=self.heads)
         k_all, v_all = k, v
         if cache is not None and cache.k is not None:
@@ -316,16 +318,16 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unsqueeze(3).unbind(2)
 
         def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-            return (h.view(b, f, -1, h.shape[-1]) * (1 + scale) + shift).view_as(h)
+            return torch.addcmul(shift, h.view(b, f, -1, h.shape[-1]), 1 + scale).view_as(h)
 
-        def gated(h: Tensor, gate: Tensor) -> Tensor:
-            return (h.view(b, f, -1, h.shape[-1]) * gate).view_as(h)
+        def add_gated(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
+            """``x + h * gate`` in one kernel (per-frame gate)."""
+            return torch.addcmul(x.view(b, f, -1, x.shape[-1]), h.view(b, f, -1, h.shape[-1]), gate).view_as(x)
 
         h = self.self_attn(modulate(self.norm1(x), shift1, scale1), rotary, layout, cache, update_cache)
-        x = x + gated(h, gate1)
+        x = add_gated(x, h, gate1)
         x = x + self.cross_attn(self.norm3(x), context_kv, context_mask)
-        x = x + gated(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
-        return x
+        return add_gated(x, self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
 
 
 class DiT(nn.Module):
@@ -476,7 +478,7 @@ class DiT(nn.Module):
             cache.commit(f, tokens_per_frame, self.frame_rotary)
 
         shift, scale = (self.head_modulation + e[:, :, None]).unsqueeze(3).unbind(2)
-        h = self.head_norm(tokens).view(b, f, tokens_per_frame, -1) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.head_norm(tokens).view(b, f, tokens_per_frame, -1), 1 + scale)
         out = self.head(h)
         return rearrange(
             out, "b f (h w) (c p q) -> b f c (h p) (w q)", h=gh, w=gw, p=ph, q=pw, c=cfg.in_channels
