@@ -162,7 +162,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalised in fp32 (one fused kernel), returned in ``x``'s dtype so autocast's bf16 flows on."""
+        """Normalised and scaled in fp32, returned in ``x``'s dtype: under autocast the fp32 weight no longer
+        promotes the queries and keys to fp32, so bf16 flows on."""
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
