@@ -214,6 +214,18 @@ def pooled_caption(text: Tensor, mask: Tensor) -> Tensor:
     return (text * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN per latent frame, in one kernel: tokens ``h [B, F * S, D]``, ``shift``/``scale [B, F, 1, D]``."""
+    b, f = shift.shape[:2]
+    return torch.addcmul(shift, h.view(b, f, -1, h.shape[-1]), 1 + scale).view_as(h)
+
+
+def add_gated(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
+    """``x + h * gate`` in one kernel, with a per-frame ``gate [B, F, 1, D]`` over tokens ``[B, F * S, D]``."""
+    b, f = gate.shape[:2]
+    return torch.addcmul(x.view(b, f, -1, x.shape[-1]), h.view(b, f, -1, h.shape[-1]), gate).view_as(x)
+
+
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of flow times ``t [...]`` scaled to 0..1000: ``[..., dim]`` (cos first, as in Wan)."""
     half = dim // 2
@@ -315,15 +327,7 @@ class DiTBlock(nn.Module):
         update_cache: bool,
     ) -> Tensor:
         """``x: [B, N, D]`` with N = F * S tokens; ``e: [B, F, 6, D]`` per-frame modulation."""
-        b, f = e.shape[:2]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unsqueeze(3).unbind(2)
-
-        def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-            return torch.addcmul(shift, h.view(b, f, -1, h.shape[-1]), 1 + scale).view_as(h)
-
-        def add_gated(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
-            """``x + h * gate`` in one kernel (per-frame gate)."""
-            return torch.addcmul(x.view(b, f, -1, x.shape[-1]), h.view(b, f, -1, h.shape[-1]), gate).view_as(x)
 
         h = self.self_attn(modulate(self.norm1(x), shift1, scale1), rotary, layout, cache, update_cache)
         x = add_gated(x, h, gate1)
@@ -479,10 +483,9 @@ class DiT(nn.Module):
             cache.commit(f, tokens_per_frame, self.frame_rotary)
 
         shift, scale = (self.head_modulation + e[:, :, None]).unsqueeze(3).unbind(2)
-        h = torch.addcmul(shift, self.head_norm(tokens).view(b, f, tokens_per_frame, -1), 1 + scale)
-        out = self.head(h)
+        out = self.head(modulate(self.head_norm(tokens), shift, scale))
         return rearrange(
-            out, "b f (h w) (c p q) -> b f c (h p) (w q)", h=gh, w=gw, p=ph, q=pw, c=cfg.in_channels
+            out, "b (f h w) (c p q) -> b f c (h p) (w q)", f=f, h=gh, w=gw, p=ph, q=pw, c=cfg.in_channels
         )
 
     def embed_patches(self, x: Tensor) -> Tensor:
