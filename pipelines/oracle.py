@@ -10,6 +10,7 @@ videos, as every stage that samples does.  frames: [T, H, W, 3] uint8 RGB.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -193,8 +194,10 @@ def classify_motion(track: np.ndarray) -> str:
 
 
 def _majority(values: list[str]) -> str:
-    values = [v for v in values if v]
-    return max(set(values), key=values.count) if values else ""
+    """The most frequent non-empty reading; a tie goes to the one seen first (a set's order would follow the
+    process's string-hash seed, and a Ray worker and the driver would read the same video differently)."""
+    counts = Counter(v for v in values if v)
+    return counts.most_common(1)[0][0] if counts else ""
 
 
 def summarize(det: FrameDetections, start: int = 0, stop: int | None = None) -> dict[str, Any]:

@@ -1,4 +1,8 @@
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +44,31 @@ def test_score_per_second() -> None:
     assert all(r["present"] == 1.0 and r["persistence"] == 1.0 and r["crispness"] > 0.4 for r in rows)
     wrong = score_video(frames, 12, {**clip.attributes(), "color": "blue", "motion": "circling clockwise"})
     assert not any(r["color_ok"] or r["motion_ok"] for r in wrong)
+
+
+TIED_COLOURS = """
+import numpy as np
+from pipelines.oracle import describe
+from pipelines.shapes_world import ShapeClip, render
+
+red = render(ShapeClip("square", "red", "black", "bouncing left and right", 1.5, 0.0), 64, 12, 8 / 12)
+blue = render(ShapeClip("square", "blue", "black", "bouncing left and right", 1.5, 0.0), 64, 12, 8 / 12)
+print(describe(np.concatenate([red[:4], blue[4:]]))["color"])
+"""
+
+
+def test_a_tied_majority_reads_the_same_in_every_process() -> None:
+    """Half the frames red, half blue: the reading is the first seen, whatever the process's string-hash seed
+    (Ray workers and the driver score the same video)."""
+    root = Path(__file__).resolve().parents[2]
+    readings = {
+        subprocess.run(
+            [sys.executable, "-c", TIED_COLOURS], cwd=root, capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout.strip()
+        for seed in range(6)
+    }
+    assert readings == {"red"}
 
 
 def box_blur(frames: np.ndarray, radius: int) -> np.ndarray:
