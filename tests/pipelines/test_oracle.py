@@ -12,6 +12,7 @@ from pipelines.shapes_world import ShapeClip, render, sample_clip
 from pipelines.video import decode_video, encode_mp4
 
 ATTRIBUTES = ("background", "color", "shape", "motion")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def round_trip(clip: ShapeClip, seconds: float = 3.0) -> np.ndarray:
@@ -60,10 +61,9 @@ print(describe(np.concatenate([red[:4], blue[4:]]))["color"])
 def test_a_tied_majority_reads_the_same_in_every_process() -> None:
     """Half the frames red, half blue: the reading is the first seen, whatever the process's string-hash seed
     (Ray workers and the driver score the same video)."""
-    root = Path(__file__).resolve().parents[2]
     readings = {
         subprocess.run(
-            [sys.executable, "-c", TIED_COLOURS], cwd=root, capture_output=True, text=True, check=True,
+            [sys.executable, "-c", TIED_COLOURS], cwd=REPO, capture_output=True, text=True, check=True,
             env={**os.environ, "PYTHONHASHSEED": str(seed)},
         ).stdout.strip()
         for seed in range(6)
