@@ -1,9 +1,7 @@
-from pathlib import Path
-
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 def test_ray_cluster_yaml_passes_rays_schema_check() -> None:

@@ -6,8 +6,7 @@ import pytest
 from infra.cli import main
 from infra.config import ConfigError, PipelineConfig, load_config
 from pipelines.workflow import plan
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 def test_tiny_yaml_loads_and_overrides_apply() -> None:

@@ -15,10 +15,10 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 from tests.net import free_port, wait_for_http
+from tests.paths import REPO
 
 from infra import storage
 
-REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

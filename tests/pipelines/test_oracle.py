@@ -2,7 +2,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +9,9 @@ import pytest
 from pipelines.oracle import classify_motion, count_components, describe, detect_frames, score_video, summarize
 from pipelines.shapes_world import ShapeClip, render, sample_clip
 from pipelines.video import decode_video, encode_mp4
+from tests.paths import REPO
 
 ATTRIBUTES = ("background", "color", "shape", "motion")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def round_trip(clip: ShapeClip, seconds: float = 3.0) -> np.ndarray:

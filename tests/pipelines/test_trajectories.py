@@ -19,9 +19,9 @@ from model.streaming import teacher_sample
 from model.weights import MODEL_FILE, load_model
 from pipelines import shard_rows, trajectories
 from pipelines.workflow import plan, run_stages
+from tests.paths import REPO
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def start_stage(root: Path, overrides: tuple[str, ...]) -> subprocess.Popen:

@@ -10,8 +10,7 @@ import numpy as np
 from pipelines.shapes_world import render, sample_clip
 from pipelines.video import VideoSource, decode_clip, decode_video, encode_clip, encode_mp4, writer_finished
 from tests.live_mp4 import LiveMp4
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 def test_mp4_round_trip_is_close() -> None:

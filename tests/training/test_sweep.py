@@ -10,6 +10,7 @@ from infra import storage
 from infra.cli import main
 from pipelines.oracle import ORACLE_KEYS, bootstrap_interval
 from pipelines.shapes_world import heldout_prompts
+from tests.paths import REPO
 from tests.world import FAST
 from pipelines.workflow import plan
 from training.sweep import (
@@ -24,7 +25,7 @@ from training.sweep import (
     sweep_configs,
 )
 
-CONFIGS = Path(__file__).parents[2] / "configs"
+CONFIGS = REPO / "configs"
 TABLE4 = str(CONFIGS / "sweep_table4.yaml")
 
 
