@@ -202,6 +202,9 @@ class TeacherConfig(TrainConfig):
     eval_batch_size: int = Field(default=16, ge=1)
     curve_prompts: int = Field(default=16, ge=1, description="Held-out prompts of the learning curve (`eval_every`).")
     curve_steps: int = Field(default=20, ge=1, description="Euler steps of the learning curve's samples.")
+    ema_decay: float | None = Field(
+        default=None, gt=0, lt=1, description="Sample, score and export a moving average of the DiT's weights."
+    )
     curriculum: list[CurriculumPhase] = Field(
         default_factory=list,
         description="Phases on the first `latent_frames` of each clip, in order, then whole clips: one latent frame "

@@ -20,7 +20,6 @@ regression-only ablation: ODE regression continues on the trajectories of the `o
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +48,11 @@ from model.weights import MODEL_FILE, build_from_payload, read_payload
 from pipelines import trajectories
 from pipelines.latents import training_dataset
 from pipelines.workflow import StageContext, vae_of
-from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, stage_job
+from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, fit, stage_job, unwrap_dit
 from training.regression import regression_on_states, train_regression
 from training.scoreboard import publish_scoreboard
 from training.student_evaluation import StudentCurve, curve_for, curve_scores, finish_student, sample_text_for, sample_videos
+from training.weight_average import WeightAverage, update_gathered
 
 REAL_SCORE_MODE = {"bidirectional": "bidirectional", "causal": "block_causal"}
 
@@ -64,8 +64,8 @@ class Generator(nn.Module):
     (t = 1 is pure noise), and with ``clean_context`` also to t = 0, where the chunk stays clean: context for the
     chunks after it, as inference's KV cache is, and masked from the loss (``loss_frames`` false). ``"self"``: x0 is
     the student's own KV-cached rollout from noise (:mod:`model.self_rollout`). With ``states`` (trajectories)
-    ``forward`` returns the ODE-regression loss instead. With ``ema_decay`` an exponential moving average of the
-    weights rides along (``ema``, frozen) and is what the stage evaluates and exports.
+    ``forward`` returns the ODE-regression loss instead. With ``ema_decay`` a moving average of the weights rides
+    along (``ema``, :class:`~training.weight_average.WeightAverage`) and is what the stage evaluates and exports.
     """
 
     def __init__(
@@ -80,12 +80,10 @@ class Generator(nn.Module):
         super().__init__()
         self.dit = dit
         self.chunk_frames = chunk_frames
-        self.ema_decay = ema_decay
         self.clean_context = clean_context
         self.rollout = rollout
         self.register_buffer("student_times", student_times.float().clone())
-        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self.ema = copy.deepcopy(dit).requires_grad_(False) if ema_decay else None
+        self.ema = WeightAverage(dit, ema_decay) if ema_decay else None
 
     def forward(
         self, latents: Tensor, text_emb: Tensor, text_mask: Tensor, states: Tensor | None = None
@@ -107,23 +105,6 @@ class Generator(nn.Module):
         x_t = sch.add_noise(latents, torch.randn_like(latents), t)
         x0 = self.dit.predict_x0(x_t, t, emb, mask, mode="block_causal")
         return x0, t > 0
-
-    def ema_step_decay(self) -> float:
-        """The decay of the next EMA update: ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates, the usual
-        warm-up (diffusers' ``EMAModel``), so a short run's EMA is not mostly its initial weights (a flat 0.99
-        keeps 37 % of them after 100 updates)."""
-        n = int(self.ema_updates)
-        return min(float(self.ema_decay or 0.0), (1 + n) / (10 + n))
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """``ema <- decay * ema + (1 - decay) * weights``; under ZeRO-3 call it inside a parameter gather."""
-        if self.ema is None or self.ema_decay is None:
-            return
-        decay = self.ema_step_decay()
-        for e, p in zip(self.ema.parameters(), self.dit.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
-        self.ema_updates += 1
 
 
 class FakeScore(nn.Module):
@@ -149,10 +130,6 @@ class FakeScore(nn.Module):
         t_frames = t_sample[:, None].expand(b, f)
         v = self.dit(sch.add_noise(x0, eps, t_frames), t_frames, text_emb, text_mask, mode=self.mode)
         return critic_loss(v, x0, eps), t_sample
-
-
-def unwrap_generator(module: nn.Module) -> nn.Module:
-    return module.ema if module.ema is not None else module.dit
 
 
 def real_x0(real: DiT, x_t: Tensor, t: Tensor, text_emb: Tensor, text_mask: Tensor, mode: str, guidance_scale: float) -> Tensor:
@@ -212,7 +189,7 @@ class DmdTask(TrainTask):
     guidance_scale: float
     sample_text: tuple[np.ndarray, np.ndarray] | None
     curve: StudentCurve | None = None
-    export: Export = Export(engine="generator", kind="dit", unwrap=unwrap_generator)
+    export: Export = Export(engine="generator", kind="dit", unwrap=unwrap_dit)
     _fixed: dict[str, Tensor] | None = field(default=None, init=False, repr=False)
     _figures: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
@@ -234,7 +211,7 @@ class DmdTask(TrainTask):
         generator = self.plain("generator")
         generator.dit.load_state_dict(read_payload(self.generator_init)["state_dict"])
         if generator.ema is not None:
-            generator.ema.load_state_dict(generator.dit.state_dict())
+            generator.ema.module.load_state_dict(generator.dit.state_dict())
         real_payload = read_payload(self.real_uri)
         critic = self.plain("critic")
         critic.dit.load_state_dict(real_payload["state_dict"])
@@ -288,7 +265,8 @@ class DmdTask(TrainTask):
             loss = loss + s.regression_weight * regression
             values["regression_loss"] = regression.detach()
         engines.optimize("generator", loss)
-        self._update_ema(generator.module, engines.zero_stage)
+        if generator.module.ema is not None:
+            update_gathered(generator.module.ema, generator.module.dit, engines.zero_stage)
         values["generator_loss"] = loss.detach()
         if s.diagnostics_every and step % s.diagnostics_every == 0:
             for name, tensor in (("data", self.clean_latents(batch)), ("x0", x0), ("x0_real", x0_real), ("x0_fake", x0_fake)):
@@ -334,19 +312,6 @@ class DmdTask(TrainTask):
         if step >= s.critic_warmup_steps:
             values.update(self.generator_update(step, parts[0], engines, frozen))
         return values
-
-    @staticmethod
-    def _update_ema(module: Generator, zero_stage: int) -> None:
-        if module.ema is None:
-            return
-        if zero_stage == 3:
-            import deepspeed
-
-            params = [*module.dit.parameters(), *module.ema.parameters()]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                module.update_ema()
-        else:
-            module.update_ema()
 
     def samples(self, step: int, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
         return sample_videos(self.export.unwrap(models["generator"]), frozen, self.sample_text, self.preset)

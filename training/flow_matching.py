@@ -29,6 +29,7 @@ from pipelines.latents import training_dataset
 from pipelines.workflow import StageContext, vae_of
 from training import sampling
 from training.harness import EngineSet, EngineSpec, Export, Models, TrainTask, after_training, fit, stage_job, unwrap_dit
+from training.weight_average import WeightAverage, update_gathered
 
 SAMPLE_PROMPTS = 4
 EVAL_SEED = 20240
@@ -38,10 +39,18 @@ class FlowMatchingLoss(nn.Module):
     """Velocity MSE of a DiT on ``latents [B, F, C, h, w]`` noised to flow times t, captions dropped at random.
 
     With ``chunk_frames`` set, every chunk of that many latent frames draws its own t (``t: [B, F]`` constant
-    within a chunk), the training signal of a block-causal teacher; otherwise one t per clip.
+    within a chunk), the training signal of a block-causal teacher; otherwise one t per clip. With ``ema_decay``
+    a moving average of the weights rides along (``ema``), which the stage samples, scores and exports.
     """
 
-    def __init__(self, dit: DiT, shift: float, text_dropout: float, chunk_frames: int | None = None) -> None:
+    def __init__(
+        self,
+        dit: DiT,
+        shift: float,
+        text_dropout: float,
+        chunk_frames: int | None = None,
+        ema_decay: float | None = None,
+    ) -> None:
         super().__init__()
         import deepspeed
 
@@ -49,6 +58,7 @@ class FlowMatchingLoss(nn.Module):
         self.schedule = FlowSchedule(shift=shift)
         self.text_dropout = text_dropout
         self.chunk_frames = chunk_frames
+        self.ema = WeightAverage(dit, ema_decay) if ema_decay else None
         deepspeed.zero.register_external_parameter(self, dit.null_text_embedding)
 
     def forward(self, latents: Tensor, text_emb: Tensor, text_mask: Tensor) -> Tensor:
@@ -87,17 +97,20 @@ class TeacherTask(TrainTask):
     curve_text: tuple[np.ndarray, np.ndarray] | None = None
     curve_steps: int = 20
     curve_frames: int | None = None
+    ema_decay: float | None = None
     export: Export = Export(engine="dit", kind="dit", unwrap=unwrap_dit)
 
     def plain(self, name: str) -> nn.Module:
         p = get_preset(self.preset)
         chunk = p.chunk_frames if self.independent_chunks else None
-        return FlowMatchingLoss(p.build_dit(attention_mode=self.mode), p.shift, self.text_dropout, chunk)
+        return FlowMatchingLoss(p.build_dit(attention_mode=self.mode), p.shift, self.text_dropout, chunk, self.ema_decay)
 
     def build(self) -> Models:
         objective = self.plain("dit")
         if self.init_uri:
             objective.dit.load_state_dict(read_payload(self.init_uri)["state_dict"])
+            if objective.ema is not None:
+                objective.ema.module.load_state_dict(objective.dit.state_dict())
         frozen = {"vae": load_model(self.vae_uri)} if self.vae_uri else {}
         return Models(engines={"dit": EngineSpec(objective, lr=self.lr, weight_decay=self.weight_decay)}, frozen=frozen)
 
@@ -106,6 +119,8 @@ class TeacherTask(TrainTask):
         frames = curriculum_frames(self.curriculum, step, get_preset(self.preset).clip_latent_frames)
         loss = engine(batch["latents"][:, :frames], batch["text_emb"], batch["text_mask"])
         engines.optimize("dit", loss)
+        if engine.module.ema is not None:
+            update_gathered(engine.module.ema, engine.module.dit, engines.zero_stage)
         return {"loss": loss.detach()}
 
     def _draw(
@@ -116,7 +131,7 @@ class TeacherTask(TrainTask):
         p = get_preset(self.preset)
         emb, mask = (torch.from_numpy(a) for a in text)
         return sampling.generate_videos(
-            models["dit"].dit,
+            self.export.unwrap(models["dit"]),
             frozen["vae"],
             emb,
             mask,
@@ -219,6 +234,7 @@ def train_teacher(ctx: StageContext, section: TeacherConfig, mode: str, init_uri
         curve_text=curve_text,
         curve_steps=section.curve_steps,
         curve_frames=frames,
+        ema_decay=section.ema_decay,
     )
     result = fit(stage_job(ctx, section, task, training_dataset(latents_uri)))
     summary: dict[str, Any] = {"model": result.model_uri, "train_seconds": round(result.seconds, 1)}

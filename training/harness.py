@@ -77,8 +77,10 @@ class Export:
 
 
 def unwrap_dit(module: nn.Module) -> nn.Module:
-    """The DiT inside a stage's training wrapper (a loss module whose ``dit`` is the network)."""
-    return module.dit
+    """The DiT inside a stage's training wrapper (a loss module whose ``dit`` is the network), or the moving
+    average of its weights where the wrapper keeps one (``ema``): what a stage scores, samples and exports."""
+    average = getattr(module, "ema", None)
+    return module.dit if average is None else average.module
 
 
 class EngineSet(dict):

@@ -1,7 +1,10 @@
-"""Latents Parquet for harness tests: two caption classes whose clips share a fixed latent pattern."""
+"""Latents Parquet for harness tests (two caption classes whose clips share a fixed latent pattern), and the
+one-rank process group of tests that build DeepSpeed engines in this process."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 from infra import storage
 from model.presets import get_preset
 from pipelines.latents import latent_rows, write_latent_shard
+from tests.net import free_port
 
 ROWS_PER_SHARD = 16
 SHARDS = 2
@@ -39,3 +43,16 @@ def latents_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
         write_latent_shard(str(Path(root, f"latents-{shard}.parquet")), rows)
     storage.write_manifest(str(root), {"stage": "latents", "summary": {"vae": None}})
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def single_process_group() -> Iterator[None]:
+    """A one-rank gloo group, as a Ray Train worker of a one-worker run has; one per session, since DeepSpeed
+    keeps its first group for the life of the process."""
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()

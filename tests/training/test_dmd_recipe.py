@@ -3,9 +3,6 @@ chunks masked from the loss, the generator's EMA, the ODE-regression anchor, and
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -16,24 +13,11 @@ from model.presets import get_preset
 from model.self_rollout import self_rollout
 from model.weights import MODEL_FILE
 from pipelines.workflow import plan
-from tests.net import free_port
 from training.dmd import DmdTask, Generator, split_rows
-from training.harness import EngineSet, deepspeed_config
+from tests.training.engines import engines_of
 
 PRESET = get_preset("tiny")
 BATCH = 2
-
-
-@pytest.fixture(scope="module")
-def single_process_group() -> Iterator[None]:
-    """A one-rank gloo group, as a Ray Train worker of a one-worker run has."""
-    import deepspeed
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +39,6 @@ class RecordingTask(DmdTask):
     def generator_update(self, step, batch, engines, frozen):
         self.seen.append(("generator", self.clean_latents(batch)[:, 0, 0, 0, 0].tolist()))
         return super().generator_update(step, batch, engines, frozen)
-
-
-def engines_of(task: DmdTask) -> tuple[EngineSet, dict[str, torch.nn.Module]]:
-    import deepspeed
-
-    torch.manual_seed(0)
-    models = task.build()
-    engines = {}
-    for name, spec in models.engines.items():
-        engines[name], *_ = deepspeed.initialize(
-            model=spec.module,
-            model_parameters=[p for p in spec.module.parameters() if p.requires_grad],
-            config=deepspeed_config(task.section, spec, 1),
-        )
-    return EngineSet(engines, task.section.zero_stage), {k: m.eval().requires_grad_(False) for k, m in models.frozen.items()}
 
 
 def task_with(weights: tuple[str, str], **settings) -> RecordingTask:
@@ -101,7 +70,7 @@ def step_batch(rows: int, with_states: bool = False) -> dict[str, torch.Tensor]:
 def test_each_critic_update_draws_its_own_batch_and_warmup_skips_the_generator(single_process_group, weights) -> None:
     task = task_with(weights, critic_warmup_steps=1)
     assert task.batches_per_step() == 4
-    engines, frozen = engines_of(task)
+    engines, frozen = engines_of(task, task.section)
     first = task.train_step(0, step_batch(4 * BATCH), engines, frozen)
     assert task.seen == [("critic", [2.0, 3.0]), ("critic", [4.0, 5.0]), ("critic", [6.0, 7.0])]
     assert "generator_loss" not in first and engines["generator"].global_steps == 0
@@ -152,31 +121,14 @@ def test_clean_context_chunks_carry_no_loss() -> None:
     torch.testing.assert_close(x.grad, frames[..., None].expand(2, 3, 4).float() / 12, rtol=0, atol=0)
 
 
-def test_ema_warms_up_to_its_decay_and_each_update_is_exact() -> None:
-    dit = PRESET.build_dit(attention_mode="block_causal")
-    generator = Generator(dit, PRESET.schedule().student_times(), PRESET.chunk_frames, ema_decay=0.75)
-    decays = []
-    for _ in range(30):
-        decays.append(generator.ema_step_decay())
-        generator.update_ema()
-    assert decays[:3] == [1 / 10, 2 / 11, 3 / 12] and decays[25] == 26 / 35 and decays[26:] == [0.75] * 4
-    assert int(generator.ema_updates) == 30 and "ema_updates" in generator.state_dict()
-    with torch.no_grad():
-        for p in generator.dit.parameters():
-            p.fill_(6.0)
-        for e in generator.ema.parameters():
-            e.fill_(2.0)
-    generator.update_ema()
-    assert all(torch.equal(e, torch.full_like(e, 3.0)) for e in generator.ema.parameters())
-
-
 def test_ema_follows_the_engine_and_the_anchor_adds_the_regression_loss(single_process_group, weights) -> None:
     task = task_with(weights, ema_decay=0.5, regression_weight=2.0, critic_steps=1)
-    engines, frozen = engines_of(task)
+    engines, frozen = engines_of(task, task.section)
     module = engines["generator"].module
-    before = {k: v.clone() for k, v in module.ema.state_dict().items()}
+    before = {k: v.clone() for k, v in module.ema.module.state_dict().items()}
     values = task.train_step(0, step_batch(2 * BATCH, with_states=True), engines, frozen)
-    for (k, e), w in zip(module.ema.state_dict().items(), module.dit.state_dict().values()):
+    assert int(module.ema.updates) == 1
+    for (k, e), w in zip(module.ema.module.state_dict().items(), module.dit.state_dict().values()):
         torch.testing.assert_close(e, 0.1 * before[k] + 0.9 * w, rtol=0, atol=1e-6)  # the warm-up's first decay
     assert float(values["regression_loss"]) > 0.1
     torch.testing.assert_close(
@@ -207,6 +159,6 @@ def test_self_rollout_carries_gradient_only_through_each_chunks_exit_step() -> N
 
 def test_self_rollout_step_on_the_engines(single_process_group, weights) -> None:
     task = task_with(weights, rollout="self", critic_steps=1)
-    engines, frozen = engines_of(task)
+    engines, frozen = engines_of(task, task.section)
     values = task.train_step(0, step_batch(2 * BATCH), engines, frozen)
     assert engines["generator"].global_steps == 1 and float(values["dmd_grad_norm"]) > 0
