@@ -3,7 +3,8 @@ the static HTML dashboard.
 
 A rollout's metrics are curves `{model: {metric: [value per second]}}`. Drift is summarised per metric
 by the least-squares slope per second and by the ratio of the last 5 s mean to the first 5 s mean
-(1.0 = no drift).
+(1.0 = no drift), with a bootstrap interval over the rollouts behind the mean curve: on a few prompts one
+rollout's miss in a second moves an accuracy's ratio by several points.
 """
 
 from __future__ import annotations
@@ -45,6 +46,38 @@ def window_ratio(values: Sequence[float], window: int = WINDOW_S) -> float | Non
     if abs(first) < 1e-12:
         return None if abs(last) > 1e-12 else 1.0
     return last / first
+
+
+def ratio_interval(
+    curves: Sequence[Sequence[float]], window: int = WINDOW_S, confidence: float = 0.95, seed: int = 0
+) -> list[float] | None:
+    """Percentile bootstrap interval over rollouts of :func:`window_ratio` of their mean curve (each curve cut to
+    the shortest, as the mean is): rollouts are resampled whole, so a rollout's first and last seconds stay
+    paired. Seeded; ``None`` for fewer than two rollouts or a first window that is zero on average."""
+    from scipy.stats import bootstrap
+
+    from pipelines.oracle import BOOTSTRAP_RESAMPLES
+
+    length = min((len(c) for c in curves), default=0)
+    if len(curves) < 2 or length < 2:
+        return None
+    window = min(window, length // 2)
+    data = np.array([list(c[:length]) for c in curves], dtype=np.float64)
+    first, last = data[:, :window].mean(axis=1), data[:, -window:].mean(axis=1)
+    if abs(first.mean()) < 1e-12:
+        return None
+    if np.all(first == first[0]) and np.all(last == last[0]):
+        return [float(last[0] / first[0])] * 2
+
+    def ratio(f: np.ndarray, l: np.ndarray, axis: int = -1) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return l.mean(axis=axis) / f.mean(axis=axis)
+
+    result = bootstrap(
+        (first, last), ratio, paired=True, vectorized=True, confidence_level=confidence,
+        n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", rng=np.random.default_rng(seed),
+    )
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
 def summarize_curves(curves: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float | None]]:

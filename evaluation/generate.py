@@ -91,9 +91,11 @@ class Generator:
         device: str | torch.device | None = None,
         text_encoder: TextEncoder | None = None,
         precision: Precision | None = None,
+        compile: bool = False,
     ) -> Generator:
         """Load a student checkpoint (see :func:`resolve_checkpoint`) and its VAE; the preset comes from the weights.
-        Both run in ``precision`` (default: bf16 where the device has it natively, see :mod:`model.precision`)."""
+        Both run in ``precision`` (default: bf16 where the device has it natively, see :mod:`model.precision`);
+        ``compile`` compiles the student's blocks and the VAE decoder (graphs built on the first chunks)."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else resolve_checkpoint(checkpoint, vae=vae, config=config)
         payload = read_payload(ckpt.model_uri)
         if payload["kind"] != "dit":
@@ -102,6 +104,9 @@ class Generator:
         precision = precision or default_precision(device)
         model = for_inference(build_from_payload(payload, mode="block_causal").to(device), precision)
         vae_model = for_inference(build_from_payload(read_payload(ckpt.vae_uri)).to(device), precision)
+        if compile:
+            model.compile_blocks()
+            vae_model.compile_decoder()
         preset = get_preset(payload["preset"])
         text_path = config.model.text_path if config is not None else None
         encoder = text_encoder or preset.text_encoder_for(text_path, device=device)

@@ -161,17 +161,21 @@ def mean_curves(results: list[dict[str, Any]]) -> dict[str, dict[str, list[float
 
 
 def summarize(per_second: dict[str, dict[str, list[float]]], results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The `summary.json` schema: per model, overall scores and drift ratios per metric."""
+    """The `summary.json` schema: per model, overall scores and drift ratios per metric, each ratio with its
+    bootstrap interval over the model's rollouts."""
     models: dict[str, Any] = {}
     for model, curves in per_second.items():
         stats = drift.summarize_curves(curves)
+        runs = [r for r in results if r["model"] == model]
         entry: dict[str, Any] = {metric: stats[metric]["mean"] for metric in curves}
         entry["drift_ratio"] = {metric: stats[metric]["ratio"] for metric in curves}
+        entry["drift_ratio_interval"] = {
+            metric: drift.ratio_interval([r["curves"][metric] for r in runs]) for metric in curves
+        }
         entry["drift_slope"] = {metric: stats[metric]["slope"] for metric in curves}
-        timings = [r for r in results if r["model"] == model]
         entry["seconds_of_video"] = len(next(iter(curves.values()), []))
-        entry["render_seconds"] = float(np.mean([r["render_seconds"] for r in timings]))
-        entry["generated_fps"] = float(np.mean([r["frames"] / r["render_seconds"] for r in timings]))
+        entry["render_seconds"] = float(np.mean([r["render_seconds"] for r in runs]))
+        entry["generated_fps"] = float(np.mean([r["frames"] / r["render_seconds"] for r in runs]))
         models[model] = entry
     return {"models": models}
 

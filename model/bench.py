@@ -13,12 +13,13 @@ time of the real computation, measured once in this process on this machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -54,6 +55,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, help="weights' dtype (default: bf16 where native)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile",
+        choices=("true", "false"),
+        default="true",
+        help="compile the DiT's blocks and the VAE decoder (default true; the compilation's seconds are reported "
+        "apart, the way a streaming service pays them once at start-up)",
+    )
     parser.add_argument(
         "--clock",
         choices=CLOCKS,
@@ -186,13 +194,14 @@ def _teacher(m: _Models, latent_frames: int, steps: int, guidance: float, seed: 
     }
 
 
-def _dit_forward(m: _Models, rate: float) -> dict[str, Any]:
-    """FLOP/s of one teacher step's DiT forward (the CFG batch of 2 over a training clip) against ``rate``."""
+def _dit_forward(m: _Models, eager: DiT, rate: float) -> dict[str, Any]:
+    """FLOP/s of one teacher step's DiT forward (the CFG batch of 2 over a training clip) against ``rate``; the
+    FLOPs are counted on ``eager``, the same network uncompiled."""
     f, c, h, w = m.preset.latent_shape()
     x2 = torch.randn(2, f, c, h, w, device=m.device)
     t2 = torch.full((2, f), 0.5, device=m.device)
     text2 = (torch.cat([m.text[0], m.text[0]]), torch.cat([m.text[1], m.text[1]]))
-    flops = forward_flops(m.dit, x2, t2, *text2, mode="bidirectional")
+    flops = forward_flops(eager, x2, t2, *text2, mode="bidirectional")
     with torch.no_grad():
         seconds, _ = _timed(lambda: m.dit(x2, t2, *text2, mode="bidirectional"), m.device, repeats=5, clock=m.clock)
     return {
@@ -229,20 +238,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         CLOCKS[args.clock],
     )
 
+    eager = replace(m, dit=copy.deepcopy(m.dit), vae=copy.deepcopy(m.vae))
+    compiled = args.compile == "true"
+    started = time.perf_counter()
+    if compiled:
+        m.dit.compile_blocks()
+        m.vae.compile_decoder()
+    _rollout(m, window + 2, args.seed, window_chunks=window)  # every cache length: compiled once each
+    warmup_seconds = time.perf_counter() - started
+
     n_video = preset.chunks_for(args.video_seconds)
-    _rollout(m, 2, args.seed, window_chunks=window)
     student = _student(m, args.repeats, lambda: _rollout(m, n_video, args.seed, window_chunks=window))
     n_long = preset.chunks_for(args.long_seconds)
     long = _student(m, args.repeats, lambda: _rollout(m, n_long, args.seed, window_chunks=window))
     n_ref = preset.chunks_for(args.reference_seconds)
-    reference = _student(m, 1, lambda: _rollout(m, n_ref, args.seed, window_chunks=window, use_cache=False))
+    # eager: without a cache every chunk is a new length, which a compiled network would recompile each time
+    reference = _student(eager, 1, lambda: _rollout(eager, n_ref, args.seed, window_chunks=window, use_cache=False))
     teacher = _teacher(m, n_video * preset.chunk_frames, steps, guidance, args.seed)
     teacher_clip = _teacher(m, preset.clip_latent_frames, steps, guidance, args.seed)
 
     rates = {"fp32": matmul_rate(device, clock=m.clock)}
     if has_native_bf16(device):
         rates["bf16"] = matmul_rate(device, dtype=torch.bfloat16, clock=m.clock)
-    dit_forward = _dit_forward(m, rates.get("bf16", rates["fp32"]))
+    dit_forward = _dit_forward(m, eager.dit, rates.get("bf16", rates["fp32"]))
     dit_forward["precision"] = precision
     return {
         "preset": preset.name,
@@ -255,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "matmul_flops_per_s": rates,
         },
         "precision": precision,
+        "compiled": compiled,
+        "warmup_seconds": warmup_seconds,
         "clock": args.clock,
         "dit_parameters": model.num_parameters(),
         "video_seconds": args.video_seconds,

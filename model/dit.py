@@ -94,7 +94,7 @@ class LayerKV:
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
 
     def drop_tokens(self, start: int, stop: int, rotary: Tensor) -> None:
-        """Drop tokens ``start:stop`` and rotate the keys after them by ``rotary`` (``[1, head_dim // 2]``)."""
+        """Drop tokens ``start:stop`` and rotate the keys after them by ``rotary`` (``[1, head_dim // 2, 2]``)."""
         assert self.k is not None and self.v is not None
         self.k = torch.cat([self.k[:, :, :start], apply_rope(self.k[:, :, stop:], rotary)], dim=2)
         self.v = torch.cat([self.v[:, :, :start], self.v[:, :, stop:]], dim=2)
@@ -197,15 +197,17 @@ def rope_angles(frames: Tensor, rows: int, cols: int, head_dim: int, theta: floa
 
 
 def rope_rotary(angles: Tensor) -> Tensor:
-    """Unit complex numbers ``[N, Dh // 2]`` of ``angles``: computed once per forward, shared by every layer."""
-    return torch.polar(torch.ones_like(angles), angles)
+    """Cosines and sines ``[N, Dh // 2, 2]`` of ``angles``: computed once per forward, shared by every layer.
+    Real, not complex, so a compiled block fuses the rotation (inductor generates no code for complex numbers)."""
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: Tensor, rotary: Tensor) -> Tensor:
-    """Rotate adjacent pairs of ``x [B, H, N, Dh]`` (as complex numbers, in fp32) by ``rotary [N, Dh // 2]``;
-    also ``x [B, N, H * Dh]`` by ``rotary`` tiled over the heads, which needs no copy into head-major order."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * rotary).flatten(-2).type_as(x)
+    """Rotate adjacent pairs of ``x [B, H, N, Dh]`` (in fp32) by ``rotary [N, Dh // 2, 2]``; also
+    ``x [B, N, H * Dh]`` by ``rotary`` tiled over the heads, which needs no copy into head-major order."""
+    re, im = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rotary.unbind(-1)
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def pooled_caption(text: Tensor, mask: Tensor) -> Tensor:
@@ -253,10 +255,10 @@ class SelfAttention(nn.Module):
         cache: LayerKV | None,
         update_cache: bool,
     ) -> Tensor:
-        """``x: [B, N, D]``; ``rotary [N, head_dim // 2]`` at the N new tokens' positions; ``layout`` restricts
+        """``x: [B, N, D]``; ``rotary [N, head_dim // 2, 2]`` at the N new tokens' positions; ``layout`` restricts
         which keys each chunk's queries see (None: all)."""
         split = "b n (h d) -> b h n d"
-        tiled = rotary.repeat(1, self.heads)
+        tiled = rotary.repeat(1, self.heads, 1)
         q = rearrange(apply_rope(self.norm_q(self.q(x)), tiled), split, h=self.heads)
         k = rearrange(apply_rope(self.norm_k(self.k(x)), tiled), split, h=self.heads)
         v = rearrange(self.v(x), split, h=self.heads)
@@ -387,6 +389,13 @@ class DiT(nn.Module):
             for p in modulations:
                 nn.init.normal_(p, std=self.cfg.dim**-0.5)
 
+    def compile_blocks(self) -> None:
+        """Compile each transformer block (the blocks share one graph per input shape): fuses the norms,
+        modulations and rotary embedding around the small matmuls that bound a streamed chunk's forward. Compiling
+        the whole forward gains no more and recompiles for every cache length."""
+        for block in self.blocks:
+            block.compile(dynamic=False)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -496,7 +505,7 @@ class DiT(nn.Module):
         return self.patch_embed(rearrange(x, "b f c (h p) (w q) -> b (f h w) (c p q)", p=ph, q=pw))
 
     def frame_rotary(self, shift: int) -> Tensor:
-        """Rotary ``[1, head_dim // 2]`` that moves a key by ``shift`` frames (rows and columns unchanged)."""
+        """Rotary ``[1, head_dim // 2, 2]`` that moves a key by ``shift`` frames (rows and columns unchanged)."""
         frames = torch.tensor([shift], device=self.head.weight.device)
         return rope_rotary(rope_angles(frames, 1, 1, self.cfg.head_dim, self.cfg.rope_theta))
 

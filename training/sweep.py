@@ -38,7 +38,8 @@ TABLE_KEYS = tuple(f"oracle_{key}_accuracy" for key in ORACLE_KEYS)
 DIFFERENCE_KEYS = tuple(f"oracle_{key}_difference" for key in ORACLE_KEYS)
 """Paired differences to the sweep's reference row, one per oracle attribute."""
 ROLLOUT_KEYS = ("persistence", "temporal_quality", "frame_quality", "shape_drift", "color_drift")
-"""Rollout figures: the drift keys are the last-5-s over first-5-s ratios of shape and colour accuracy."""
+"""Rollout figures: the drift keys are the last-5-s over first-5-s ratios of shape and colour accuracy (each with
+its bootstrap interval over the row's rollouts)."""
 MANY_STEP = {"teacher": "teacher", "causal_teacher": "causal_teacher"}
 """The many-step rows: `evaluate.models` name -> the stage whose output holds the model."""
 STUDENT = "dmd_student"
@@ -113,7 +114,9 @@ def _row(
         "temporal_quality": groups["temporal quality"],
         "frame_quality": groups["frame quality"],
         "shape_drift": summary["drift_ratio"].get("shape_acc"),
+        "shape_drift_interval": summary.get("drift_ratio_interval", {}).get("shape_acc"),
         "color_drift": summary["drift_ratio"].get("color_acc"),
+        "color_drift_interval": summary.get("drift_ratio_interval", {}).get("color_acc"),
     }
     row = {"name": name, "set": sets, "output": model_uri, "evaluation": evaluation_uri}
     row.update({f"oracle_{k}": v for k, v in scores.items()})
@@ -206,7 +209,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         {
             "row": row["name"],
             **{k.split("_")[1]: _cell(row.get(k), row.get(f"{k}_interval")) for k in TABLE_KEYS},
-            **{k.replace("_", " "): _cell(row.get(k)) for k in ROLLOUT_KEYS},
+            **{k.replace("_", " "): _cell(row.get(k), row.get(f"{k}_interval")) for k in ROLLOUT_KEYS},
         }
         for row in rows
     ]

@@ -17,6 +17,26 @@ def test_slope_and_window_ratio() -> None:
     assert drift.slope([3.0]) == 0.0
 
 
+def test_ratio_interval_resamples_whole_rollouts() -> None:
+    # 16 rollouts of 30 s: 12 keep the object throughout, 4 lose it after 20 s -> mean curve's ratio 0.75
+    kept, lost = [1.0] * 30, [1.0] * 20 + [0.0] * 10
+    curves = [kept] * 12 + [lost] * 4
+    mean_curve = np.mean(curves, axis=0)
+    assert drift.window_ratio(mean_curve) == pytest.approx(0.75)
+    # resampled, the lost count is Binomial(16, 1/4): its 2.5 and 97.5 % points are 1 and 8 -> ratios 15/16, 1/2
+    low, high = drift.ratio_interval(curves)
+    assert low == pytest.approx(0.5, abs=0.07) and high == pytest.approx(15 / 16, abs=0.07)
+    # a drift every rollout shares is certain; the interval narrows as rollouts are added
+    assert drift.ratio_interval([lost] * 8) == [0.0, 0.0]
+    wide, narrow = drift.ratio_interval(curves), drift.ratio_interval(curves * 4)
+    assert narrow[1] - narrow[0] < 0.6 * (wide[1] - wide[0])
+    assert drift.ratio_interval(curves) == drift.ratio_interval(curves), "seeded"
+    # cut to the shortest rollout, as the mean curve is; undefined for one rollout or a zero first window
+    assert drift.ratio_interval([kept, lost[:25], kept]) == drift.ratio_interval([kept[:25], lost[:25], kept[:25]])
+    assert drift.ratio_interval([lost]) is None
+    assert drift.ratio_interval([[0.0] * 10] * 3) is None
+
+
 def test_summary_table_groups_the_papers_columns() -> None:
     summary = {"dmd_student": {"color_acc": 1.0, "shape_acc": 0.5, "motion_acc": 0.0, "temporal_flickering": 0.9,
                                "motion_smoothness": 0.7, "persistence": 0.8, "crispness": 0.6}}

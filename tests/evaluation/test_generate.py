@@ -166,7 +166,7 @@ def test_cli_generate_streams_an_mp4(
     Image.fromarray(render(CLIP, size=96, fps=12, seconds=0.1)[0]).save(image)
     out = tmp_path / "out" / "video.mp4"
     args = ["generate", "--checkpoint", student_dir, "--prompt", A, "--seconds", "1.5",
-            "--out", str(out), "--prompt-at", f"0.5:{B}", "--image", str(image), "--device", "cpu"]
+            "--out", str(out), "--prompt-at", f"0.5:{B}", "--image", str(image), "--device", "cpu", "--compile"]
     with caplog.at_level(logging.INFO):
         assert main(args) == 0
     assert capsys.readouterr().out.strip() == str(out.resolve())

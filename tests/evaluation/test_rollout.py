@@ -54,6 +54,9 @@ def test_evaluate_stage_writes_curves_summary_videos_and_mlflow(evaluated: tuple
     for key in ("color_acc", "shape_acc", "motion_acc", "persistence", "crispness", "temporal_flickering"):
         assert 0.0 <= student[key] <= 1.0, key
     assert set(student["drift_ratio"]) >= {"color_acc", "sharpness", "temporal_flickering"}
+    assert set(student["drift_ratio_interval"]) == set(student["drift_ratio"])
+    for metric, (low, high) in student["drift_ratio_interval"].items():
+        assert low <= student["drift_ratio"][metric] <= high, metric
     assert summary["clip_metrics"] is False and not any(key.startswith("clip_") for key in student)
     per_second = storage.read_json(storage.join(uri, "per_second.json"))
     assert len(per_second["dmd_student"]["sharpness"]) == SECONDS

@@ -6,7 +6,8 @@ import json
 
 from model import bench
 
-ARGS = ["--teacher-steps", "2", "--video-seconds", "1", "--long-seconds", "3", "--reference-seconds", "1"]
+# eager: compiling costs more than this run (the compiled networks' equivalence is tested in test_precision.py)
+ARGS = ["--teacher-steps", "2", "--video-seconds", "1", "--long-seconds", "3", "--reference-seconds", "1", "--compile", "false"]
 
 
 def test_benchmark_reports_every_figure() -> None:
@@ -19,4 +20,5 @@ def test_benchmark_reports_every_figure() -> None:
     assert result["student"]["frames"] == result["teacher"]["frames"] == 21
     assert result["long_rollout"]["frames"] == 45 and len(result["reference_no_cache"]["chunk_seconds"]) == 2
     assert result["short_clip"]["teacher"]["frames"] == 33 and result["short_clip"]["latency_ratio"] > 0
+    assert result["compiled"] is False and result["warmup_seconds"] > 0
     assert 0 < result["dit_forward"]["flops"] and result["dit_forward"]["matmul_flops_per_s"] > 0

@@ -1,5 +1,6 @@
 """bf16 inference (weights cast, not autocast) stays within a stated tolerance of fp32 for each network the
-benchmark runs: the student's cached chunks, the teacher's CFG step and the VAE decode, on the tiny preset."""
+benchmark runs: the student's cached chunks, the teacher's CFG step and the VAE decode, on the tiny preset; and
+the compiled networks the benchmark runs by default stream what the eager ones stream."""
 
 from __future__ import annotations
 
@@ -86,6 +87,26 @@ def test_bf16_streaming_decode_stays_within_tolerance_of_fp32(models: tuple) -> 
     assert torch.allclose(streamed, bf16.decode(latents), atol=0.02)  # streaming equals the whole clip in bf16 too
     assert bf16.encode(fp32.clamp(-1, 1)).dtype == torch.float32
 
+
+
+def test_compiled_blocks_and_decoder_stream_what_eager_ones_stream(models: tuple) -> None:
+    dit, vae, text = models
+
+    def rollout(model: torch.nn.Module, decoder: VAE) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        chunks = stream(
+            model, text, num_chunks=4, latent_shape=PRESET.latent_shape()[1:], schedule=PRESET.schedule(),
+            window_chunks=PRESET.window_chunks, vae=decoder, generator=torch.Generator().manual_seed(0),
+        )
+        return [(c.latents, c.video) for c in chunks]
+
+    compiled_dit, compiled_vae = copy.deepcopy(dit), copy.deepcopy(vae)
+    compiled_dit.compile_blocks()
+    compiled_vae.compile_decoder()
+    # four chunks: no cache, a growing one, then a full window that evicts (each a shape of its own)
+    for (latents, video), (compiled_latents, compiled_video) in zip(rollout(dit, vae), rollout(compiled_dit, compiled_vae)):
+        assert _relative(compiled_latents, latents) < 1e-4  # fp32: only the order of fused operations differs
+        assert _relative(compiled_video, video) < 1e-4
+    assert compiled_vae.decoder_compiled and not vae.decoder_compiled
 
 
 def test_stage_samples_run_in_bf16_on_copies_and_leave_the_callers_weights_fp32(models: tuple) -> None:

@@ -157,6 +157,7 @@ def test_table4_sweep_on_the_tiny_world_writes_every_row(world, world_root: Path
         summary = storage.read_json(storage.join(row["evaluation"], "summary.json"))["models"]
         assert list(summary) == ([model] if model == "dmd_student" else ["causal_teacher", "teacher"])
         assert (row["persistence"], row["shape_drift"]) == (summary[model]["persistence"], summary[model]["drift_ratio"]["shape_acc"])
+        assert row["shape_drift_interval"] == summary[model]["drift_ratio_interval"]["shape_acc"]
     sweeps = storage.join(storage.normalize(str(world_root)), "sweeps")
     assert storage.read_json(storage.join(sweeps, "table4.json")) == rows
     curves = storage.read_json(storage.join(sweeps, "table4", "per_second.json"))
