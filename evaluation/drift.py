@@ -53,7 +53,9 @@ def ratio_interval(
 ) -> list[float] | None:
     """Percentile bootstrap interval over rollouts of :func:`window_ratio` of their mean curve (each curve cut to
     the shortest, as the mean is): rollouts are resampled whole, so a rollout's first and last seconds stay
-    paired. Seeded; ``None`` for fewer than two rollouts or a first window that is zero on average."""
+    paired. Seeded; ``None`` where the ratio is (a first window that is zero on average and a last one that is
+    not), for fewer than two rollouts, and where the resampled ratios are unbounded (resamples whose first
+    window is all zeros: an accuracy that barely starts)."""
     from scipy.stats import bootstrap
 
     from pipelines.oracle import BOOTSTRAP_RESAMPLES
@@ -64,8 +66,8 @@ def ratio_interval(
     window = min(window, length // 2)
     data = np.array([list(c[:length]) for c in curves], dtype=np.float64)
     first, last = data[:, :window].mean(axis=1), data[:, -window:].mean(axis=1)
-    if abs(first.mean()) < 1e-12:
-        return None
+    if abs(first.mean()) < 1e-12:  # as window_ratio: no change from nothing is no drift, anything else undefined
+        return None if abs(last.mean()) > 1e-12 else [1.0, 1.0]
     if np.all(first == first[0]) and np.all(last == last[0]):
         return [float(last[0] / first[0])] * 2
 
@@ -77,7 +79,8 @@ def ratio_interval(
         (first, last), ratio, paired=True, vectorized=True, confidence_level=confidence,
         n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", rng=np.random.default_rng(seed),
     )
-    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    bounds = [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    return bounds if all(math.isfinite(b) for b in bounds) else None
 
 
 def summarize_curves(curves: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float | None]]:

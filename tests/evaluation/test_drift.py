@@ -34,7 +34,9 @@ def test_ratio_interval_resamples_whole_rollouts() -> None:
     # cut to the shortest rollout, as the mean curve is; undefined for one rollout or a zero first window
     assert drift.ratio_interval([kept, lost[:25], kept]) == drift.ratio_interval([kept[:25], lost[:25], kept[:25]])
     assert drift.ratio_interval([lost]) is None
-    assert drift.ratio_interval([[0.0] * 10] * 3) is None
+    assert drift.ratio_interval([[0.0] * 10] * 3) == [1.0, 1.0]
+    assert drift.ratio_interval([[0.0] * 5 + [1.0] * 5] * 3) is None
+    assert drift.ratio_interval([[0.0] * 5 + [1.0] * 5] * 3 + [[1.0] * 10]) is None, "a resample of the first three"
 
 
 def test_summary_table_groups_the_papers_columns() -> None:
