@@ -75,10 +75,11 @@ def ratio_interval(
         with np.errstate(divide="ignore", invalid="ignore"):
             return l.mean(axis=axis) / f.mean(axis=axis)
 
-    result = bootstrap(
-        (first, last), ratio, paired=True, vectorized=True, confidence_level=confidence,
-        n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", rng=np.random.default_rng(seed),
-    )
+    with np.errstate(invalid="ignore"):  # unbounded resamples: reported as no interval below
+        result = bootstrap(
+            (first, last), ratio, paired=True, vectorized=True, confidence_level=confidence,
+            n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", rng=np.random.default_rng(seed),
+        )
     bounds = [float(result.confidence_interval.low), float(result.confidence_interval.high)]
     return bounds if all(math.isfinite(b) for b in bounds) else None
 
