@@ -4,8 +4,10 @@ pixels by the VAE; latency is the time to the first decoded frame, throughput fr
 
 The teacher on one training clip is kept as a second, shorter figure; beside them: the per-chunk cost over a
 30-second rollout (``chunk_time_growth``: its last chunk against its first steady one, the window full and
-evicting; earlier chunks see a smaller cache and chunk 0 has no cache pass to make), the no-cache reference, the VAE decode's share of a chunk and the DiT's achieved FLOP/s
-against the machine's dense matmul rate (bf16 where the device has it). ``main(argv) -> dict`` (the
+evicting; earlier chunks see a smaller cache and chunk 0 has no cache pass to make), the no-cache reference (run
+eagerly: without a cache every chunk is a new shape to compile), the VAE decode's share of a chunk and the DiT's
+achieved FLOP/s against the machine's dense matmul rate (bf16 where the device has it). By default the DiT's blocks
+and the VAE decoder are compiled, their compilation timed apart (``warmup_seconds``). ``main(argv) -> dict`` (the
 ``causvid bench inference`` command prints it as JSON). Random weights are enough: every figure is a wall-clock
 time of the real computation, measured once in this process on this machine.
 """
@@ -238,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         CLOCKS[args.clock],
     )
 
-    eager = replace(m, dit=copy.deepcopy(m.dit), vae=copy.deepcopy(m.vae))
     compiled = args.compile == "true"
+    eager = replace(m, dit=copy.deepcopy(m.dit), vae=copy.deepcopy(m.vae)) if compiled else m
     started = time.perf_counter()
     if compiled:
         m.dit.compile_blocks()
