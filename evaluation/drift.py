@@ -63,13 +63,12 @@ def ratio_interval(
     length = min((len(c) for c in curves), default=0)
     if len(curves) < 2 or length < 2:
         return None
-    window = min(window, length // 2)
     data = np.array([list(c[:length]) for c in curves], dtype=np.float64)
+    point = window_ratio(data.mean(axis=0), window)
+    window = min(window, length // 2)
     first, last = data[:, :window].mean(axis=1), data[:, -window:].mean(axis=1)
-    if abs(first.mean()) < 1e-12:  # as window_ratio: no change from nothing is no drift, anything else undefined
-        return None if abs(last.mean()) > 1e-12 else [1.0, 1.0]
-    if np.all(first == first[0]) and np.all(last == last[0]):
-        return [float(last[0] / first[0])] * 2
+    if point is None or abs(first.mean()) < 1e-12 or (np.all(first == first[0]) and np.all(last == last[0])):
+        return None if point is None else [point, point]
 
     def ratio(f: np.ndarray, l: np.ndarray, axis: int = -1) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--compile",
         action="store_true",
-        help="compile the student's blocks and the VAE decoder: about 15 s at start-up for about a fifth more "
-        "frames per second after it (pays for videos of minutes, or a long-running stream)",
+        help="compile the student's blocks and the VAE decoder: about 11 s at start-up for about 1.5 times the "
+        "frames per second after it on two CPU cores (pays for videos of minutes, or a long-running stream)",
     )
     generate.add_argument("--config", "-c", help="YAML config, to find MLflow run ids (default: configs/tiny.yaml)")
     generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
