@@ -1,7 +1,8 @@
 """The `clips` stage: curate captioned videos (local or s3://) into fixed-length, text-embedded clips.
 
-Ray Data reads the manifest; a first job embeds every distinct caption once in an actor that loads
-the text encoder once; a second job curates groups of `videos_per_task` videos, one task per group:
+The driver reads the manifest and starts one Ray task that embeds every distinct caption once
+(:mod:`pipelines.captions`); a Ray Data job curates groups of `videos_per_task` videos meanwhile, one task per
+group (:mod:`pipelines.curation`), each fetching the embeddings only to write its shards:
 probe (PyAV, header only), reject what cannot make a clip, decode with decord straight from the bytes
 (only the frames the clips need, resized in the decoder with the aspect kept so that the target
 height x width just fits), resample to the target fps by the frames' own timestamps (so variable frame
@@ -41,506 +42,45 @@ in `REJECT_REASONS`.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 import posixpath
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
-import av
-import decord
-import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
 import ray
 
 from infra import storage
 from infra.config import ClipsConfig
 from infra.preflight import check_manifest
-from model.presets import Preset, get_preset
-from pipelines.video import encode_clip
+from model.presets import get_preset
+from pipelines.captions import start_embedding
+from pipelines.curation import (
+    CLIP_DROP_REASONS,
+    GROUPS_DIR,
+    REJECT_REASONS,
+    REJECTED_SCHEMA,
+    REJECTED_URI,
+    Rules,
+    curate_group,
+    group_marker,
+)
 from pipelines.workflow import StageContext
 
-REJECT_REASONS = (
-    "unsupported_scheme",
-    "empty_caption",
-    "missing",
-    "empty",
-    "unreadable",
-    "no_video_stream",
-    "truncated",
-    "decode_error",
-    "too_small",
-    "too_short",
-    "blank",
-    "static",
-    "error",
-)
-CLIP_DROP_REASONS = ("blank", "static")
 SUPPORTED_SCHEMES = ("", "file", "s3")
-READ_RETRIES = 3
-READ_RETRY_PAUSE_S = 2.0
-TRUNCATED_FRACTION = 0.75
-TRUNCATED_SLACK_FRAMES = 2  # a file that fails to decode and ends this many frames short of its header is cut
-DECODE_CHUNK = 64
-REJECTED_URI = ("rejected", "rejected.parquet")
-GROUPS_DIR = "_groups"
-
-CLIP_SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("video_index", pa.int64()),
-        ("uri", pa.string()),
-        ("caption", pa.string()),
-        ("meta", pa.string()),
-        ("start_frame", pa.int32()),
-        ("start_time", pa.float64()),
-        ("fps", pa.float32()),
-        ("num_frames", pa.int32()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("frames", pa.binary()),
-        ("motion_score", pa.float32()),
-        ("text_emb", pa.binary()),
-        ("text_mask", pa.binary()),
-        ("text_len", pa.int32()),
-        ("text_dim", pa.int32()),
-        ("source_fps", pa.float32()),
-        ("source_width", pa.int32()),
-        ("source_height", pa.int32()),
-        ("codec", pa.string()),
-    ]
-)
-REJECTED_SCHEMA = pa.schema(
-    [
-        ("video_index", pa.int64()),
-        ("uri", pa.string()),
-        ("caption", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
-
-
-class ReadFailed(OSError):
-    """A video that is there but could not be read (a storage outage): its group's task is retried, and a read that
-    keeps failing fails the stage; it is never counted as a rejection."""
-
-
-class Rejected(Exception):
-    """A video that yields no clip, with one of REJECT_REASONS."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-@dataclass(frozen=True)
-class Rules:
-    """What a video must satisfy and what a clip looks like; the part of ClipsConfig the tasks need."""
-
-    fps: int
-    height: int
-    width: int
-    clip_frames: int
-    stride_frames: int
-    min_seconds: float
-    min_side: int
-    static_threshold: float
-    blank_threshold: float
-    rows_per_shard: int
-    crf: int | None
-
-    @classmethod
-    def from_config(cls, cfg: ClipsConfig, preset: Preset) -> Rules:
-        """The section's settings, its unset shape ones (size, fps, clip length) the preset's."""
-        given = {name: getattr(cfg, name) for name in cls.__dataclass_fields__ if hasattr(cfg, name)}
-        height = cfg.height or cfg.size or preset.height
-        width = cfg.width or cfg.size or preset.width
-        return cls(**{
-            **given,
-            "fps": cfg.fps or preset.fps,
-            "height": height,
-            "width": width,
-            "clip_frames": cfg.clip_frames or preset.clip_frames,
-        })
-
-
-@dataclass(frozen=True)
-class Probe:
-    """Container facts read from the header: codec, size, frame rate, declared duration (s)."""
-
-    codec: str
-    width: int
-    height: int
-    fps: float
-    duration: float
-
-
-def probe(data: bytes) -> Probe:
-    """Header-only look at a video file's bytes; raises Rejected when it is not a video."""
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise Rejected("no_video_stream", f"streams: {[s.type for s in container.streams]}")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            fps = float(rate) if rate else 0.0
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration = container.duration / av.time_base
-            else:
-                duration = stream.frames / fps if stream.frames and fps else 0.0
-            return Probe(stream.codec_context.name, stream.width, stream.height, fps, duration)
-    except Rejected:
-        raise
-    except Exception as err:  # PyAV raises many error kinds for garbage input
-        raise Rejected("unreadable", f"{type(err).__name__}: {err}") from None
-
-
-def resampled_indices(starts: np.ndarray, end: float, target_fps: float) -> np.ndarray:
-    """Source frame shown at each target-rate instant k / target_fps, from the source frames' presentation times
-    ``starts [S]`` (seconds, increasing; any frame rate, constant or not) and the time the last one ends.
-    -> [N] int64."""
-    count = int(math.floor((end - starts[0]) * target_fps + 1e-6))
-    instants = starts[0] + np.arange(count) / target_fps
-    return np.maximum(np.searchsorted(starts, instants + 1e-6, side="right") - 1, 0).astype(np.int64)
-
-
-def clip_starts(num_frames: int, clip_frames: int, stride_frames: int) -> list[int]:
-    return list(range(0, num_frames - clip_frames + 1, stride_frames))
-
-
-def decode_size(width: int, height: int, out_height: int, out_width: int) -> tuple[int, int]:
-    """Decoder output (w, h), aspect kept, just covering out_height x out_width, so a centre crop gives it."""
-    scale = max(out_width / width, out_height / height)
-    return max(out_width, int(round(width * scale))), max(out_height, int(round(height * scale)))
-
-
-def center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """frames: [T, h, w, 3] with h >= height, w >= width -> [T, height, width, 3]."""
-    top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
-    return frames[:, top : top + height, left : left + width]
-
-
-def blank_frames(frames: np.ndarray, threshold: float) -> np.ndarray:
-    """[T] bool: frames whose pixel standard deviation (0..1) is below `threshold` (black, white, any flat colour)."""
-    return frames.reshape(len(frames), -1).std(axis=1) / 255.0 < threshold
-
-
-def motion_score(frames: np.ndarray) -> float:
-    """Mean absolute difference (0..1) between consecutive frames.  frames: [T, H, W, 3] uint8."""
-    if len(frames) < 2:
-        return 0.0
-    return float(np.abs(np.diff(frames.astype(np.int16), axis=0)).mean() / 255.0)
-
-
-def curate_video(data: bytes, rules: Rules) -> tuple[Probe, int, list[dict[str, Any]], Counter[str]]:
-    """Cut one video's bytes into clips that pass the rules.
-
-    Returns the probe, the number of decodable source frames, the kept clips (`start_frame`,
-    `start_time`, `frames` [T, H, W, 3] uint8, `motion_score`) and the count of clips dropped per reason.
-    Raises Rejected when the video cannot be read or yields no clip. The kept clips of one video are
-    held in memory (at the target size) until it is decided; source frames are decoded in bounded chunks.
-    """
-    if not data:
-        raise Rejected("empty", "zero bytes")
-    info = probe(data)
-    if min(info.width, info.height) < rules.min_side:
-        raise Rejected("too_small", f"{info.width}x{info.height} < {rules.min_side}")
-    if 0 < info.duration < rules.min_seconds:
-        raise Rejected("too_short", f"{info.duration:.2f} s declared < {rules.min_seconds} s")
-    try:
-        return _curate_decoded(data, info, rules)
-    except Rejected as rej:
-        if rej.reason != "decode_error" or info.duration <= 0:
-            raise
-        decodable = decodable_seconds(data)
-        if decodable < info.duration - TRUNCATED_SLACK_FRAMES / max(info.fps, 1.0):
-            raise Rejected("truncated", f"{decodable:.2f} s decodable of {info.duration:.2f} s declared") from None
-        raise
-
-
-def decodable_seconds(data: bytes) -> float:
-    """How far into a video PyAV decodes before the data ends or breaks (the timestamp of its last good frame)."""
-    seconds = 0.0
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            for frame in container.decode(container.streams.video[0]):
-                seconds = float(frame.time) if frame.time is not None else seconds
-    except Exception:  # the point where a cut file breaks is what we are measuring
-        pass
-    return seconds
-
-
-def _curate_decoded(data: bytes, info: Probe, rules: Rules) -> tuple[Probe, int, list[dict[str, Any]], Counter[str]]:
-    width, height = decode_size(info.width, info.height, rules.height, rules.width)
-    try:
-        reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=width, height=height)
-        num_source, source_fps = len(reader), float(reader.get_avg_fps())
-        times = reader.get_frame_timestamp(range(num_source)) if num_source else np.zeros((0, 2))
-    except Exception as err:
-        raise Rejected("decode_error", f"{type(err).__name__}: {err}") from None
-    if num_source == 0 or source_fps <= 0:
-        raise Rejected("decode_error", "no decodable frames")
-    starts_at, end = times[:, 0], max(float(times[-1, 1]), float(times[-1, 0]) + 1.0 / source_fps)
-    seconds = end - float(starts_at[0])
-    if info.duration > 0 and seconds < TRUNCATED_FRACTION * info.duration:
-        raise Rejected("truncated", f"{seconds:.2f} s decodable of {info.duration:.2f} s declared")
-    indices = resampled_indices(starts_at, end, rules.fps)
-    starts = clip_starts(len(indices), rules.clip_frames, rules.stride_frames)
-    if seconds < rules.min_seconds or not starts:
-        raise Rejected("too_short", f"{seconds:.2f} s, {len(indices)} frames at {rules.fps} fps")
-    clips, dropped = [], Counter()
-    for start, frames in _decode_clips(reader, indices, starts, rules, max(1, int(source_fps))):
-        if blank_frames(frames, rules.blank_threshold).any():
-            dropped["blank"] += 1
-            continue
-        score = motion_score(frames)
-        if score < rules.static_threshold:
-            dropped["static"] += 1
-            continue
-        clips.append(
-            {
-                "start_frame": start,
-                "start_time": float(starts_at[indices[start]]),
-                "frames": frames,
-                "motion_score": score,
-            }
-        )
-    if not clips:
-        reason = dropped.most_common(1)[0][0]
-        raise Rejected(reason, f"all {len(starts)} clips {reason}")
-    return info, num_source, clips, dropped
-
-
-def _decode_clips(
-    reader: decord.VideoReader, indices: np.ndarray, starts: list[int], rules: Rules, max_gap: int
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start, frames [T, H, W, 3] uint8) per clip, decoding contiguous source runs in chunks.
-
-    decord seeks on every non-consecutive index, so the source frames the clips need are read as
-    runs (gaps of at most `max_gap` frames are decoded through) and the resampled ones picked out.
-    """
-    wanted = np.unique(np.concatenate([indices[s : s + rules.clip_frames] for s in starts]))
-    breaks = np.nonzero(np.diff(wanted) > max_gap)[0]
-    runs = zip(np.r_[wanted[0], wanted[breaks + 1]], np.r_[wanted[breaks], wanted[-1]])
-    decoded: dict[int, np.ndarray] = {}
-    pending = list(starts)
-    for low, high in runs:
-        for first in range(int(low), int(high) + 1, DECODE_CHUNK):
-            last = min(int(high), first + DECODE_CHUNK - 1)
-            try:
-                batch = reader.get_batch(list(range(first, last + 1))).asnumpy()
-            except Exception as err:
-                raise Rejected("decode_error", f"frames {first}-{last}: {type(err).__name__}: {err}") from None
-            for source in np.intersect1d(wanted, np.arange(first, last + 1)):
-                decoded[int(source)] = batch[source - first]
-            while pending and int(indices[pending[0] + rules.clip_frames - 1]) <= last:
-                start = pending.pop(0)
-                window = indices[start : start + rules.clip_frames]
-                yield start, np.ascontiguousarray(center_crop(np.stack([decoded[int(i)] for i in window]), rules.height, rules.width))
-                keep = int(indices[pending[0]]) if pending else last + 1
-                decoded = {i: f for i, f in decoded.items() if i >= keep}
-
-
-class ShardWriter:
-    """Buffers clip rows and writes a Parquet shard through storage every `rows_per_shard` rows."""
-
-    def __init__(self, output_uri: str, group: int, rows_per_shard: int) -> None:
-        self.output_uri, self.group, self.rows_per_shard = output_uri, group, rows_per_shard
-        self.rows: list[dict[str, Any]] = []
-        self.shards: list[str] = []
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= self.rows_per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        name = shard_name(self.group, len(self.shards))
-        storage.write_parquet(storage.join(self.output_uri, name), pa.Table.from_pylist(self.rows, schema=CLIP_SCHEMA))
-        self.shards.append(name)
-        self.rows = []
-
-
-def shard_name(group: int, number: int) -> str:
-    return f"clips-g{group:05d}-{number:03d}.parquet"
-
-
-def remove_group_shards(output_uri: str, group: int) -> None:
-    """Shards an interrupted attempt at this group wrote before it died; the re-run writes its own."""
-    prefix = shard_name(group, 0)[: -len("000.parquet")]
-    for uri in storage.list_files(output_uri, ".parquet"):
-        if posixpath.basename(uri).startswith(prefix):
-            storage.delete_file(uri)
-
-
-def group_marker(output_uri: str, group: int) -> str:
-    return storage.join(output_uri, GROUPS_DIR, f"{group:05d}.json")
-
-
-def curate_group(
-    batch: dict[str, np.ndarray], *, output_uri: str, rules: dict[str, Any], text: list[Any]
-) -> dict[str, np.ndarray]:
-    """One Ray task: curate the videos of each group row, write its shards, then its marker.
-
-    `text` is `[ref]` to the object-store tuple (captions, emb [N, L, D] float32, mask [N, L] bool). A group whose
-    video read fails (`ReadFailed`, after the S3 client's own retries) is redone from scratch a few times, with a
-    growing pause, before the error fails the stage.
-    """
-    rule = Rules(**rules)
-    captions, text_emb, text_mask = ray.get(text[0])
-    row_of_caption = {caption: i for i, caption in enumerate(captions)}
-    markers = []
-    for group, videos_json in zip(batch["group"].tolist(), batch["videos"].tolist()):
-        for attempt in range(READ_RETRIES + 1):
-            try:
-                videos = json.loads(videos_json)
-                marker = _curate_one_group(output_uri, group, videos, rule, row_of_caption, text_emb, text_mask)
-                break
-            except ReadFailed:
-                if attempt == READ_RETRIES:
-                    raise
-                time.sleep(READ_RETRY_PAUSE_S * 2**attempt)
-        markers.append(json.dumps(marker))
-    return {"marker": np.asarray(markers, dtype=object)}
-
-
-def _curate_one_group(
-    output_uri: str,
-    group: int,
-    videos: list[dict[str, Any]],
-    rule: Rules,
-    row_of_caption: dict[str, int],
-    text_emb: np.ndarray,
-    text_mask: np.ndarray,
-) -> dict[str, Any]:
-    """Curate one group's videos, write its shards, then its marker (last); returns the marker."""
-    remove_group_shards(output_uri, group)
-    writer = ShardWriter(output_uri, group, rule.rows_per_shard)
-    counts: Counter[str] = Counter()
-    rejected = []
-    for video in videos:
-        counts["videos_in"] += 1
-        try:
-            if video.get("reject"):
-                raise Rejected(video["reject"], video.get("reject_detail", ""))
-            data = _read_video(video["uri"])
-            info, num_source, clips, dropped = curate_video(data, rule)
-        except ReadFailed:
-            raise
-        except Rejected as rej:
-            counts[f"rejected_{rej.reason}"] += 1
-            rejected.append({**_video_fields(video), "reason": rej.reason, "detail": rej.detail[:500]})
-            continue
-        except Exception as err:  # a bug or an unforeseen input must not stop the other videos
-            counts["rejected_error"] += 1
-            rejected.append({**_video_fields(video), "reason": "error", "detail": f"{type(err).__name__}: {err}"[:500]})
-            continue
-        counts["accepted"] += 1
-        counts["source_frames"] += num_source
-        for reason, number in dropped.items():
-            counts[f"clips_dropped_{reason}"] += number
-        k = row_of_caption[video["caption"]]
-        emb, mask = text_emb[k], text_mask[k]
-        meta = json.loads(video["meta"])
-        if mask[-1]:
-            meta["caption_truncated"] = True
-            counts["captions_truncated"] += 1
-        for number, clip in enumerate(clips):
-            frames = clip["frames"]
-            writer.add(
-                {
-                    "clip_id": f"{video['index']:06d}-{number:04d}",
-                    **{key: video[key] for key in ("video_index", "uri", "caption")},
-                    "meta": json.dumps(meta, sort_keys=True),
-                    "start_frame": clip["start_frame"],
-                    "start_time": clip["start_time"],
-                    "fps": float(rule.fps),
-                    "num_frames": frames.shape[0],
-                    "height": frames.shape[1],
-                    "width": frames.shape[2],
-                    "frames": encode_clip(frames, rule.fps, rule.crf),
-                    "motion_score": clip["motion_score"],
-                    "text_emb": np.ascontiguousarray(emb, dtype="<f4").tobytes(),
-                    "text_mask": np.asarray(mask, dtype=np.uint8).tobytes(),
-                    "text_len": emb.shape[0],
-                    "text_dim": emb.shape[1],
-                    "source_fps": info.fps,
-                    "source_width": info.width,
-                    "source_height": info.height,
-                    "codec": info.codec,
-                }
-            )
-            counts["clips_out"] += 1
-    writer.flush()
-    marker = {"group": group, "shards": writer.shards, "counts": dict(counts), "rejected": rejected}
-    storage.write_json(group_marker(output_uri, group), marker)
-    return marker
-
-
-def _read_video(uri: str) -> bytes:
-    """The bytes of a video; a local file that is not there is `missing`, an S3 read that fails is `ReadFailed`."""
-    try:
-        present = bool(uri) and storage.exists(uri)
-        data = storage.read_bytes(uri) if present else b""
-    except OSError as err:
-        if storage.is_s3(uri):
-            raise ReadFailed(f"{uri}: {type(err).__name__}: {err}") from err
-        raise Rejected("unreadable", f"{type(err).__name__}: {err}") from None
-    if not present:
-        raise Rejected("missing", f"no object at {uri!r}")
-    return data
-
-
-def _video_fields(video: Mapping[str, Any]) -> dict[str, Any]:
-    """A rejected row keeps the URI as the user wrote it in the manifest."""
-    return {"video_index": video["video_index"], "uri": video["source_uri"], "caption": video["caption"]}
-
-
-class CaptionEncoder:
-    """Ray Data actor: loads the preset's text encoder once and embeds batches of captions."""
-
-    def __init__(self, preset: str, text_path: str | None) -> None:
-        self.encoder = get_preset(preset).text_encoder_for(text_path)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        emb, mask = self.encoder.encode([str(c) for c in batch["caption"]])
-        return {"caption": batch["caption"], "text_emb": emb.numpy().astype(np.float32), "text_mask": mask.numpy()}
-
-
-def embed_captions(
-    captions: Sequence[str], preset: str, text_path: str | None
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Embed each distinct caption once.  -> (captions, emb [N, L, D] float32, mask [N, L] bool)."""
-    distinct = sorted(set(captions))
-    dataset = ray.data.from_items([{"caption": c} for c in distinct]).map_batches(
-        CaptionEncoder,
-        fn_constructor_kwargs={"preset": preset, "text_path": text_path},
-        batch_size=64,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
-    )
-    table = pa.concat_tables(ray.get(dataset.to_arrow_refs())) if distinct else None
-    if table is None or table.num_rows == 0:
-        return [], np.zeros((0, max_length, 1), np.float32), np.zeros((0, max_length), bool)
-    batch = table.to_pandas()
-    emb = np.stack([np.asarray(x, dtype=np.float32) for x in batch["text_emb"]])
-    mask = np.stack([np.asarray(x, dtype=bool) for x in batch["text_mask"]])
-    return [str(c) for c in batch["caption"]], emb, mask
 
 
 def read_manifest(uri: str) -> list[dict[str, Any]]:
-    """Rows of a CSV, JSONL or Parquet manifest with at least `uri, caption`, read by Ray Data.
+    """Rows of a CSV, JSONL or Parquet manifest with at least `uri, caption`, read by pyarrow in the driver, which
+    needs every row to group the videos into tasks (a Ray Data read would gather them there too, after a second of
+    starting its job).
 
     Video URIs may be `s3://...`, `file://...` or plain paths, relative ones taken relative to the manifest's
     folder; a row with another scheme or an empty caption carries the reason it will be rejected for (`reject`).
@@ -551,12 +91,10 @@ def read_manifest(uri: str) -> list[dict[str, Any]]:
     fs, path = storage.resolve(uri)
     lower = uri.lower()
     if lower.endswith(".parquet"):
-        dataset = ray.data.read_parquet(path, filesystem=fs)
-    elif lower.endswith(".csv"):
-        dataset = ray.data.read_csv(path, filesystem=fs, file_extensions=None)
+        table = pq.read_table(path, filesystem=fs)
     else:
-        dataset = ray.data.read_json(path, filesystem=fs, file_extensions=None)
-    table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+        with fs.open_input_stream(path) as stream:
+            table = (pacsv.read_csv if lower.endswith(".csv") else pajson.read_json)(stream)
     base = posixpath.dirname(uri) if storage.is_s3(uri) else os.path.dirname(storage.normalize(uri))
     rows = []
     for number, row in enumerate(table.to_pylist()):
@@ -610,12 +148,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         groups.setdefault(video["index"] // cfg.videos_per_task, []).append(video)
     ctx.track_progress("groups", [posixpath.join(GROUPS_DIR, f"{g:05d}.json") for g in sorted(groups)])
     pending = {g: vs for g, vs in groups.items() if not ctx.done(GROUPS_DIR, f"{g:05d}.json")}
-    seconds = {"embed": 0.0, "curate": 0.0}
+    seconds_curate = 0.0
     if pending:
         started = time.perf_counter()
         captions = [v["caption"] for vs in pending.values() for v in vs]
-        text = ray.put(embed_captions(captions, ctx.config.model.preset, ctx.config.model.text_path))
-        seconds["embed"] = time.perf_counter() - started
+        text = start_embedding(captions, ctx.config.model.preset, ctx.config.model.text_path)
         tasks = ray.data.from_items(
             [{"group": g, "videos": json.dumps(vs)} for g, vs in sorted(pending.items())],
             override_num_blocks=len(pending),
@@ -626,7 +163,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             fn_kwargs={"output_uri": ctx.output_uri, "rules": asdict(rules), "text": [text]},
         )
         tasks.materialize()
-        seconds["curate"] = time.perf_counter() - started - seconds["embed"]
+        seconds_curate = time.perf_counter() - started
     markers = [storage.read_json(group_marker(ctx.output_uri, g)) for g in sorted(groups)]
     rejected = [row for marker in markers for row in marker["rejected"]]
     storage.write_parquet(ctx.output(*REJECTED_URI), pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA))
@@ -651,8 +188,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "manifest": manifest,
         "rejected": ctx.output(*REJECTED_URI),
         "clip_frames": rules.clip_frames,
-        "seconds_embed": round(seconds["embed"], 3),
-        "seconds_curate": round(seconds["curate"], 3),
+        "seconds_curate": round(seconds_curate, 3),
     }
     return {"counts": counts, "summary": summary, "files": [name for marker in markers for name in marker["shards"]]}
 

@@ -148,20 +148,20 @@ def test_a_failed_s3_read_is_an_error_that_is_retried_not_a_rejection(
 
     from infra.config import load_config
     from model.presets import get_preset
-    from pipelines import clips
+    from pipelines import curation
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # the store is down
     monkeypatch.setenv(storage.S3_ATTEMPTS_ENV, "1")
-    monkeypatch.setattr(clips, "READ_RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(curation, "READ_RETRY_PAUSE_S", 0.0)
     video = {"index": 0, "video_index": 0, "uri": "s3://bucket/v.mp4", "source_uri": "s3://bucket/v.mp4",
              "caption": "c", "meta": "{}", "reject": "", "reject_detail": ""}
     text = ray.put((["c"], np.zeros((1, 4, 2), np.float32), np.ones((1, 4), bool)))
     config = load_config(None)
-    rules = dataclasses.asdict(clips.Rules.from_config(config.clips, get_preset(config.model.preset)))
+    rules = dataclasses.asdict(curation.Rules.from_config(config.clips, get_preset(config.model.preset)))
     batch = {"group": np.asarray([0]), "videos": np.asarray([json.dumps([video])], dtype=object)}
-    with pytest.raises(clips.ReadFailed, match="s3://bucket/v.mp4"):
-        clips.curate_group(batch, output_uri=str(tmp_path / "out"), rules=rules, text=[text])
-    assert not (tmp_path / "out" / clips.GROUPS_DIR).exists(), "no marker: the video is not counted as rejected"
+    with pytest.raises(curation.ReadFailed, match="s3://bucket/v.mp4"):
+        curation.curate_group(batch, output_uri=str(tmp_path / "out"), rules=rules, text=[text])
+    assert not (tmp_path / "out" / curation.GROUPS_DIR).exists(), "no marker: the video is not counted as rejected"
 
 
 PAUSE_S = 8.0

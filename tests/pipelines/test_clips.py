@@ -10,7 +10,7 @@ import pytest
 from infra import storage
 from infra.config import load_config
 from infra.errors import UserError
-from pipelines import clips, shard_rows
+from pipelines import clips, curation, shard_rows
 from pipelines.oracle import describe
 from pipelines.workflow import StageContext
 
@@ -47,7 +47,7 @@ def clip_rows(curated) -> list[dict]:
 
 def test_every_bad_input_and_filter_is_rejected_with_its_reason(curated, expected_reasons, accepted_names) -> None:
     ctx, result = curated
-    rejected = storage.read_parquet(ctx.output(*clips.REJECTED_URI)).to_pylist()
+    rejected = storage.read_parquet(ctx.output(*curation.REJECTED_URI)).to_pylist()
     reasons = {Path(row["uri"]).name: row["reason"] for row in rejected}
     assert reasons == expected_reasons
     counts = result["counts"]
@@ -106,10 +106,10 @@ def test_finished_groups_are_skipped_on_resume(curated, tmp_path: Path) -> None:
     root = tmp_path / "copy"
     shutil.copytree(Path(ctx.output_uri).parent.parent, root)
     resumed = clips_context(root, ctx.config.clips.manifest)
-    marker = storage.read_json(clips.group_marker(resumed.output_uri, 1))
+    marker = storage.read_json(curation.group_marker(resumed.output_uri, 1))
     for name in marker["shards"]:
         Path(resumed.output(name)).unlink()
-    Path(clips.group_marker(resumed.output_uri, 1)).unlink()
+    Path(curation.group_marker(resumed.output_uri, 1)).unlink()
     before = {p.name: p.stat().st_mtime_ns for p in Path(resumed.output_uri).glob("*.parquet")}
     result = clips.run(resumed)
     assert result["counts"]["groups_run"] == 1 and result["counts"]["groups_skipped"] == 2
@@ -137,21 +137,21 @@ def test_manifest_formats(ray_local, footage: Path, tmp_path: Path) -> None:
 
 
 def test_clip_geometry() -> None:
-    np.testing.assert_array_equal(clips.resampled_indices(np.arange(10) / 25.0, 10 / 25.0, 12.0), [0, 2, 4, 6])
+    np.testing.assert_array_equal(curation.resampled_indices(np.arange(10) / 25.0, 10 / 25.0, 12.0), [0, 2, 4, 6])
     np.testing.assert_array_equal(
-        clips.resampled_indices(np.arange(6) / 10.0, 0.6, 20.0), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+        curation.resampled_indices(np.arange(6) / 10.0, 0.6, 20.0), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     )
     variable = np.array([0.0, 0.04, 0.08, 0.2, 0.4, 0.5, 0.52])  # frames bunched, then sparse
-    np.testing.assert_array_equal(clips.resampled_indices(variable, 0.6, 10.0), [0, 2, 3, 3, 4, 5])
-    assert clips.clip_starts(48, 17, 16) == [0, 16]
-    assert clips.clip_starts(16, 17, 16) == []
-    assert clips.decode_size(160, 120, 64, 64) == (85, 64)
-    assert clips.decode_size(90, 200, 64, 64) == (64, 142)
-    assert clips.decode_size(1920, 1080, 480, 832) == (853, 480)
-    assert clips.decode_size(1080, 1920, 480, 832) == (832, 1479)
+    np.testing.assert_array_equal(curation.resampled_indices(variable, 0.6, 10.0), [0, 2, 3, 3, 4, 5])
+    assert curation.clip_starts(48, 17, 16) == [0, 16]
+    assert curation.clip_starts(16, 17, 16) == []
+    assert curation.decode_size(160, 120, 64, 64) == (85, 64)
+    assert curation.decode_size(90, 200, 64, 64) == (64, 142)
+    assert curation.decode_size(1920, 1080, 480, 832) == (853, 480)
+    assert curation.decode_size(1080, 1920, 480, 832) == (832, 1479)
     frames = np.arange(2 * 5 * 7 * 3, dtype=np.uint8).reshape(2, 5, 7, 3)
-    np.testing.assert_array_equal(clips.center_crop(frames, 3, 3), frames[:, 1:4, 2:5])
-    np.testing.assert_array_equal(clips.center_crop(frames, 2, 6), frames[:, 1:3, 0:6])
+    np.testing.assert_array_equal(curation.center_crop(frames, 3, 3), frames[:, 1:4, 2:5])
+    np.testing.assert_array_equal(curation.center_crop(frames, 2, 6), frames[:, 1:3, 0:6])
 
 
 # name -> (lavfi source, encoder arguments): H.264 and VP9, landscape and portrait, 25 and 30 fps, one of
@@ -237,7 +237,7 @@ def test_uris_duplicates_and_captions(ray_local, footage: Path, tmp_path: Path) 
     pq.write_table(pa.Table.from_pylist([{"uri": u, "caption": c} for u, c in rows]), footage / "uris.parquet")
     ctx = clips_context(tmp_path, str(footage / "uris.parquet"))
     result = clips.run(ctx)
-    rejected = storage.read_parquet(ctx.output(*clips.REJECTED_URI)).to_pylist()
+    rejected = storage.read_parquet(ctx.output(*curation.REJECTED_URI)).to_pylist()
     assert [(r["uri"], r["reason"]) for r in rejected] == [
         ("ftp://example.com/a.mp4", "unsupported_scheme"),
         ("gs://bucket/b.mp4", "unsupported_scheme"),

@@ -16,7 +16,7 @@ import pytest
 
 from infra import storage
 from infra.config import EMBEDDED_DEFAULT, load_config
-from pipelines import clips
+from pipelines import curation
 from pipelines.workflow import plan
 
 BIN = Path(sys.executable).parent
@@ -82,4 +82,4 @@ def test_a_killed_clips_stage_resumes_reading_exactly_its_manifest(
     runs = client.search_runs([client.get_experiment_by_name("causvid").experiment_id])
     by_status = sorted((run.info.status, run.info.run_name) for run in runs)
     assert by_status == [("FAILED", "clips"), ("FAILED", "clips"), ("FINISHED", "clips"), ("FINISHED", "clips")]
-    assert clips.group_marker(str(output), done["group"]) == str(markers[0])
+    assert curation.group_marker(str(output), done["group"]) == str(markers[0])

@@ -14,7 +14,7 @@ from infra import storage
 from model.presets import get_preset
 from model.weights import MODEL_FILE, load_model, save_model
 from pipelines import latents, shard_rows
-from pipelines.clips import CLIP_SCHEMA
+from pipelines.curation import CLIP_SCHEMA
 from pipelines.shapes_world import render, sample_clip
 from pipelines.video import encode_clip
 from pipelines.workflow import StageContext

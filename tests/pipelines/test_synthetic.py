@@ -8,7 +8,7 @@ import ray
 from infra import storage
 from infra.config import load_config
 from model.presets import get_preset
-from pipelines import clips, shard_rows, synthetic
+from pipelines import clips, curation, shard_rows, synthetic
 from pipelines.oracle import describe
 from pipelines.shapes_world import sample_clip
 from pipelines.video import decode_video
@@ -88,13 +88,13 @@ def test_s3_round_trip(ray_local, s3_bucket: str) -> None:
         {"index": i, "video_index": i, "uri": str(u), "source_uri": str(u), "caption": str(c), "meta": "{}"}
         for i, (u, c) in enumerate(zip(rows["uri"], rows["caption"]))
     ]
-    clips.curate_group(
+    curation.curate_group(
         {"group": np.array([0]), "videos": np.array([json.dumps(videos)], dtype=object)},
         output_uri=f"{root}/clips",
-        rules=clips.Rules.from_config(config.clips, get_preset(config.model.preset)).__dict__,
+        rules=curation.Rules.from_config(config.clips, get_preset(config.model.preset)).__dict__,
         text=[ray.put(text)],
     )
-    marker = storage.read_json(clips.group_marker(f"{root}/clips", 0))
+    marker = storage.read_json(curation.group_marker(f"{root}/clips", 0))
     assert marker["counts"]["clips_out"] == 4 and not marker["rejected"]
     table = storage.read_parquet(f"{root}/clips/{marker['shards'][0]}")
     batch = shard_rows.decode_clips(table.to_pydict())
