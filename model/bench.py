@@ -1,6 +1,7 @@
 """Inference benchmark, as the paper measures it: a 10-second video, the teacher generating the whole clip at once
 (bidirectional, 50 CFG steps) against the student streaming it chunk by chunk with the KV cache, both decoded to
-pixels by the VAE; latency is the time to the first decoded frame, throughput frames per second over the video.
+pixels by the VAE; latency is the time to the first decoded frame (the stream decodes its first latent frame
+alone, so that frame does not wait for the rest of its chunk), throughput frames per second over the video.
 
 The teacher on one training clip is kept as a second, shorter figure; beside them: the per-chunk cost over a
 30-second rollout (``chunk_time_growth``: its last chunk against its first steady one, the window full and
@@ -144,11 +145,13 @@ def _rollout(m: _Models, n: int, seed: int, **kw: Any) -> list[Chunk]:
 
 
 def _student(m: _Models, repeats: int, run: Callable[[], list[Chunk]]) -> dict[str, Any]:
-    """Per-chunk minimum seconds (and decode seconds) over ``repeats`` rollouts."""
+    """Per-chunk minimum seconds (and decode seconds) over ``repeats`` rollouts; the least time to the first frame."""
     seconds: list[float] | None = None
     decode: list[float] | None = None
+    first_frame = math.inf
     for _ in range(repeats):
         chunks = run()
+        first_frame = min(first_frame, chunks[0].first_frame_seconds)
         now = [c.seconds for c in chunks]
         now_decode = [c.decode_seconds for c in chunks]
         seconds = now if seconds is None else [min(a, b) for a, b in zip(seconds, now)]
@@ -161,7 +164,7 @@ def _student(m: _Models, repeats: int, run: Callable[[], list[Chunk]]) -> dict[s
         "video_seconds": frames / m.preset.fps,
         "wall_seconds": sum(seconds),
         "fps": frames / sum(seconds),
-        "first_frame_latency_s": seconds[0],
+        "first_frame_latency_s": first_frame,
         "vae_decode_fraction": sum(decode) / sum(seconds),
         "chunk_seconds": seconds,
         "decode_seconds": decode,

@@ -32,8 +32,10 @@ TextSource = Text | Callable[[int], Text]
 @dataclass
 class Chunk:
     """One streamed chunk: clean ``latents [B, k, C, h, w]``, decoded ``video [B, T_k, 3, H, W]`` in [-1, 1]
-    (None without a VAE), whether it was ``given`` (context) rather than generated, its ``seconds`` and the
-    part of them its VAE decode took (``decode_seconds``, the paper's named latency bound)."""
+    (None without a VAE), whether it was ``given`` (context) rather than generated, its ``seconds``, the
+    part of them its VAE decode took (``decode_seconds``, the paper's named latency bound) and the seconds until
+    its first pixel frame was ready (``first_frame_seconds``; the rollout's first latent frame is decoded on its
+    own, so the stream's first frame does not wait for the rest of its chunk)."""
 
     index: int
     latents: Tensor
@@ -41,6 +43,7 @@ class Chunk:
     given: bool
     seconds: float
     decode_seconds: float = 0.0
+    first_frame_seconds: float = 0.0
 
 
 @torch.no_grad()
@@ -114,8 +117,8 @@ def stream(
             t0 = clock()
             roller.commit_pending()
             clean = context[:, start : start + k]
-            video, decode_seconds = roller.decode(clean)
-            yield Chunk(index, clean, video, True, clock() - t0, decode_seconds)
+            video, decode_seconds, first_at = roller.decode(clean)
+            yield Chunk(index, clean, video, True, clock() - t0, decode_seconds, first_at - t0)
             roller.pending = (clean, text_at(index))
             index += 1
 
@@ -138,8 +141,8 @@ def stream(
             clean = roller.denoise_student(noise, schedule.student_times(timesteps).tolist(), (emb, mask), generator)
         else:
             clean = roller.denoise_euler(noise, schedule.sampling_times(num_steps), (emb, mask))
-        video, decode_seconds = roller.decode(clean)
-        yield Chunk(index, clean, video, False, clock() - t0, decode_seconds)
+        video, decode_seconds, first_at = roller.decode(clean)
+        yield Chunk(index, clean, video, False, clock() - t0, decode_seconds, first_at - t0)
         roller.pending = (clean, (emb, mask))
         index += 1
 
@@ -167,6 +170,7 @@ class _Rollout:
         self.past: list[Tensor] = []
         self.pending: tuple[Tensor, Text] | None = None
         self.decoder: StreamingDecoder | None = vae.stream_decoder() if vae is not None else None
+        self.decoded_any = False
 
     def velocity(self, x: Tensor, t: float, text: Text, *, update_cache: bool = False) -> Tensor:
         """Velocity of the current chunk ``x [B, k, C, h, w]`` at time t, given every earlier clean chunk."""
@@ -216,12 +220,23 @@ class _Rollout:
             self.past.append(clean)
 
     @torch.no_grad()
-    def decode(self, clean: Tensor) -> tuple[Tensor | None, float]:
-        """The chunk's pixels from the streaming decoder (None without a VAE) and the seconds the decode took."""
+    def decode(self, clean: Tensor) -> tuple[Tensor | None, float, float]:
+        """The chunk's pixels from the streaming decoder (None without a VAE), the seconds the decode took and the
+        clock when its first frame was ready. The rollout's first latent frame (one pixel frame) is pushed alone."""
         if self.decoder is None:
-            return None, 0.0
+            return None, 0.0, self.clock()
         start = self.clock()
-        video = self.decoder.push(clean).clamp(-1.0, 1.0)
+        alone = not self.decoded_any and clean.shape[1] > 1
+        self.decoded_any = True
+        frames = [self._push(clean[:, :1] if alone else clean)]
+        first_at = self.clock()
+        if alone:
+            frames.append(self._push(clean[:, 1:]))
+        return torch.cat(frames, dim=1), self.clock() - start, first_at
+
+    def _push(self, latents: Tensor) -> Tensor:
+        assert self.decoder is not None
+        video = self.decoder.push(latents).clamp(-1.0, 1.0)
         if video.device.type == "cuda":
             torch.cuda.synchronize(video.device)
-        return video, self.clock() - start
+        return video

@@ -101,7 +101,7 @@ def embedding_seconds(captions: list[str], preset: str) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="causvid bench data", description=__doc__)
-    parser.add_argument("--videos", type=int, default=8, help="test videos, cycling through the sources")
+    parser.add_argument("--videos", type=int, default=100, help="test videos, cycling through the sources")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)

@@ -47,6 +47,9 @@ def test_streamed_pixels_equal_decoding_the_whole_rollout(dit: DiT, text: tuple,
         whole = tiny_vae.decode(_latents(chunks)).clamp(-1, 1)
     assert torch.allclose(torch.cat([c.video for c in chunks], 1), whole, atol=1e-5)
     assert all(not c.given and c.seconds > 0 for c in chunks) and [c.index for c in chunks] == [0, 1, 2]
+    # the first latent frame is decoded alone: the stream's first pixel frame is ready before its chunk's others
+    assert 0 < chunks[0].first_frame_seconds < chunks[0].seconds - chunks[0].decode_seconds / 4
+    assert all(c.seconds - c.decode_seconds < c.first_frame_seconds <= c.seconds for c in chunks[1:])
 
 
 def test_student_steps_renoise_with_fresh_noise(dit: DiT, text: tuple) -> None:
