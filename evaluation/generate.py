@@ -44,7 +44,8 @@ log = logging.getLogger("causvid")
 class Frames:
     """One streamed chunk: ``frames [T, H, W, 3]`` uint8 starting at output frame ``start``, its clean
     ``latents [1, k, C, h, w]``, whether it was ``given`` (the encoded image), its caption, and ``elapsed``:
-    seconds from the start of the request until these frames were ready."""
+    seconds from the start of the request until these frames were ready. The first generated chunk comes in two
+    parts of the same ``index``, its first frame alone and then the rest, so the first frame is not kept waiting."""
 
     index: int
     start: int
@@ -204,6 +205,7 @@ class Generator:
             context=plan.context,
             inputs=plan.inputs,
             input_timestep=plan.input_timestep,
+            first_frame_alone=True,
         )
         written = 0
         for chunk in rollout:

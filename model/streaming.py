@@ -32,10 +32,10 @@ TextSource = Text | Callable[[int], Text]
 @dataclass
 class Chunk:
     """One streamed chunk: clean ``latents [B, k, C, h, w]``, decoded ``video [B, T_k, 3, H, W]`` in [-1, 1]
-    (None without a VAE), whether it was ``given`` (context) rather than generated, its ``seconds``, the
-    part of them its VAE decode took (``decode_seconds``, the paper's named latency bound) and the seconds until
-    its first pixel frame was ready (``first_frame_seconds``; the rollout's first latent frame is decoded on its
-    own, so the stream's first frame does not wait for the rest of its chunk)."""
+    (None without a VAE), whether it was ``given`` (context) rather than generated, its ``seconds`` (from the
+    chunk's start until it is yielded) and the part of them its VAE decode took (``decode_seconds``, the paper's
+    named latency bound). With ``first_frame_alone`` the stream's first chunk comes in two parts of the same
+    ``index``: its first latent frame (one pixel frame), then the rest, timed from the same start."""
 
     index: int
     latents: Tensor
@@ -43,7 +43,6 @@ class Chunk:
     given: bool
     seconds: float
     decode_seconds: float = 0.0
-    first_frame_seconds: float = 0.0
 
 
 @torch.no_grad()
@@ -94,6 +93,7 @@ def stream(
     inputs: Iterable[Tensor] | None = None,
     input_timestep: int = 500,
     clock: Callable[[], float] = time.perf_counter,
+    first_frame_alone: bool = False,
 ) -> Iterator[Chunk]:
     """Yield :class:`Chunk` s of a block-causal rollout, one chunk of ``chunk_frames`` latent frames at a time.
 
@@ -105,20 +105,22 @@ def stream(
     reference that recomputes every earlier chunk at each step; it equals the cached rollout for a fixed caption,
     chunk-aligned context and no sink (positions there are absolute; see :mod:`model.dit`). ``clock`` times the
     chunks (``time.process_time`` counts only this process's CPU seconds, for a machine shared with others).
+    ``first_frame_alone`` yields the first chunk's first latent frame and its one pixel frame on their own, before
+    the rest of that chunk is decoded (a viewer's time to the first frame; the pixels are the same).
     """
     if sampler not in ("student", "euler"):
         raise ValueError(f"sampler must be 'student' or 'euler', got {sampler!r}")
     k = chunk_frames or model.cfg.chunk_frames
     text_at = text if callable(text) else (lambda _i, _t=text: _t)
-    roller = _Rollout(model, window_chunks, sink, use_cache, guidance_scale, vae, clock)
+    roller = _Rollout(model, window_chunks, sink, use_cache, guidance_scale, vae, clock, first_frame_alone)
     index = 0
     if context is not None:
         for start in range(0, context.shape[1], k):
             t0 = clock()
             roller.commit_pending()
             clean = context[:, start : start + k]
-            video, decode_seconds, first_at = roller.decode(clean)
-            yield Chunk(index, clean, video, True, clock() - t0, decode_seconds, first_at - t0)
+            for part, video, decode_seconds in roller.decode(clean):
+                yield Chunk(index, part, video, True, clock() - t0, decode_seconds)
             roller.pending = (clean, text_at(index))
             index += 1
 
@@ -141,8 +143,8 @@ def stream(
             clean = roller.denoise_student(noise, schedule.student_times(timesteps).tolist(), (emb, mask), generator)
         else:
             clean = roller.denoise_euler(noise, schedule.sampling_times(num_steps), (emb, mask))
-        video, decode_seconds, first_at = roller.decode(clean)
-        yield Chunk(index, clean, video, False, clock() - t0, decode_seconds, first_at - t0)
+        for part, video, decode_seconds in roller.decode(clean):
+            yield Chunk(index, part, video, False, clock() - t0, decode_seconds)
         roller.pending = (clean, (emb, mask))
         index += 1
 
@@ -160,6 +162,7 @@ class _Rollout:
         guidance_scale: float,
         vae: VAE | None,
         clock: Callable[[], float],
+        first_frame_alone: bool,
     ) -> None:
         self.model = model
         self.clock = clock
@@ -170,6 +173,7 @@ class _Rollout:
         self.past: list[Tensor] = []
         self.pending: tuple[Tensor, Text] | None = None
         self.decoder: StreamingDecoder | None = vae.stream_decoder() if vae is not None else None
+        self.first_frame_alone = first_frame_alone
         self.decoded_any = False
 
     def velocity(self, x: Tensor, t: float, text: Text, *, update_cache: bool = False) -> Tensor:
@@ -220,23 +224,20 @@ class _Rollout:
             self.past.append(clean)
 
     @torch.no_grad()
-    def decode(self, clean: Tensor) -> tuple[Tensor | None, float, float]:
-        """The chunk's pixels from the streaming decoder (None without a VAE), the seconds the decode took and the
-        clock when its first frame was ready. The rollout's first latent frame (one pixel frame) is pushed alone."""
+    def decode(self, clean: Tensor) -> Iterator[tuple[Tensor, Tensor | None, float]]:
+        """``(latents, pixels, decode seconds)`` of the chunk from the streaming decoder (pixels None without a
+        VAE): one part, or, for the stream's first chunk with ``first_frame_alone``, its first latent frame and then
+        the rest, so that the first pixel frame leaves before the chunk's others are decoded."""
         if self.decoder is None:
-            return None, 0.0, self.clock()
-        start = self.clock()
-        alone = not self.decoded_any and clean.shape[1] > 1
+            yield clean, None, 0.0
+            return
+        parts = [clean]
+        if self.first_frame_alone and not self.decoded_any and clean.shape[1] > 1:
+            parts = [clean[:, :1], clean[:, 1:]]
         self.decoded_any = True
-        frames = [self._push(clean[:, :1] if alone else clean)]
-        first_at = self.clock()
-        if alone:
-            frames.append(self._push(clean[:, 1:]))
-        return torch.cat(frames, dim=1), self.clock() - start, first_at
-
-    def _push(self, latents: Tensor) -> Tensor:
-        assert self.decoder is not None
-        video = self.decoder.push(latents).clamp(-1.0, 1.0)
-        if video.device.type == "cuda":
-            torch.cuda.synchronize(video.device)
-        return video
+        for part in parts:
+            start = self.clock()
+            video = self.decoder.push(part).clamp(-1.0, 1.0)
+            if video.device.type == "cuda":
+                torch.cuda.synchronize(video.device)
+            yield part, video, self.clock() - start

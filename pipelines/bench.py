@@ -5,7 +5,8 @@ decode rate on one core, then runs the clips stage end to end (its own local Ray
 CPUs; manifest read, caption embedding, probe, decode, filter, cut, Parquet writes) and reports
 source frames per second. `stage_vs_raw_decode` = (stage frames/s per core at 1 CPU) / (raw decode
 frames/s on one core). `embedding_seconds` is the caption embedding's own cost (a task in a fresh one-CPU Ray:
-starting its worker, loading the text encoder, embedding the captions), which the stage overlaps with curation.
+starting its worker, loading the text encoder, embedding the captions), which the stage overlaps with curation
+where it has a CPU of its own.
 """
 
 from __future__ import annotations
@@ -87,13 +88,13 @@ def stage_fps(manifest: str, root: Path, num_cpus: int, overrides: list[str]) ->
     }
 
 
-def embedding_seconds(captions: list[str], preset: str) -> float:
+def embedding_seconds(captions: list[str], preset: str, text_path: str | None) -> float:
     """Wall seconds of the stage's caption-embedding task alone, in a fresh one-CPU Ray."""
     ray.shutdown()
     ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         started = time.perf_counter()
-        ray.get(start_embedding(captions, preset, None))
+        ray.get(start_embedding(captions, preset, text_path))
         return time.perf_counter() - started
     finally:
         ray.shutdown()
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (root / "manifest.csv").write_text("\n".join(lines) + "\n")
         raw_frames, raw = raw_decode_fps(videos)
         runs = [stage_fps(str(root / "manifest.csv"), root, cpus, args.overrides) for cpus in args.cpus]
-        embedding = embedding_seconds(captions, load_config(None, args.overrides).model.preset)
+        model = load_config(None, args.overrides).model
+        embedding = embedding_seconds(captions, model.preset, model.text_path)
     first = runs[0]
     return {
         "stage_vs_raw_decode": round(first["fps_per_core"] / raw, 3),

@@ -54,7 +54,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
-import pyarrow.parquet as pq
 import ray
 
 from infra import storage
@@ -64,13 +63,13 @@ from model.presets import get_preset
 from pipelines.captions import start_embedding
 from pipelines.curation import (
     CLIP_DROP_REASONS,
-    GROUPS_DIR,
     REJECT_REASONS,
     REJECTED_SCHEMA,
     REJECTED_URI,
     Rules,
     curate_group,
     group_marker,
+    marker_name,
 )
 from pipelines.workflow import StageContext
 
@@ -88,13 +87,11 @@ def read_manifest(uri: str) -> list[dict[str, Any]]:
     ids) and `source_uri` (the URI as written).
     """
     check_manifest(uri)
-    fs, path = storage.resolve(uri)
     lower = uri.lower()
     if lower.endswith(".parquet"):
-        table = pq.read_table(path, filesystem=fs)
+        table = storage.read_parquet(uri)
     else:
-        with fs.open_input_stream(path) as stream:
-            table = (pacsv.read_csv if lower.endswith(".csv") else pajson.read_json)(stream)
+        table = (pacsv.read_csv if lower.endswith(".csv") else pajson.read_json)(pa.BufferReader(storage.read_bytes(uri)))
     base = posixpath.dirname(uri) if storage.is_s3(uri) else os.path.dirname(storage.normalize(uri))
     rows = []
     for number, row in enumerate(table.to_pylist()):
@@ -146,12 +143,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     groups: dict[int, list[dict[str, Any]]] = {}
     for video in videos:
         groups.setdefault(video["index"] // cfg.videos_per_task, []).append(video)
-    ctx.track_progress("groups", [posixpath.join(GROUPS_DIR, f"{g:05d}.json") for g in sorted(groups)])
-    pending = {g: vs for g, vs in groups.items() if not ctx.done(GROUPS_DIR, f"{g:05d}.json")}
+    ctx.track_progress("groups", [marker_name(g) for g in sorted(groups)])
+    pending = {g: vs for g, vs in groups.items() if not ctx.done(marker_name(g))}
     seconds_curate = 0.0
     if pending:
         started = time.perf_counter()
-        captions = [v["caption"] for vs in pending.values() for v in vs]
+        captions = [v["caption"] for vs in pending.values() for v in vs if not v["reject"]]
         text = start_embedding(captions, ctx.config.model.preset, ctx.config.model.text_path)
         tasks = ray.data.from_items(
             [{"group": g, "videos": json.dumps(vs)} for g, vs in sorted(pending.items())],
@@ -163,6 +160,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             fn_kwargs={"output_uri": ctx.output_uri, "rules": asdict(rules), "text": [text]},
         )
         tasks.materialize()
+        ray.get(text)  # an embedding that failed fails the stage, even where every video was rejected
         seconds_curate = time.perf_counter() - started
     markers = [storage.read_json(group_marker(ctx.output_uri, g)) for g in sorted(groups)]
     rejected = [row for marker in markers for row in marker["rejected"]]

@@ -2,7 +2,8 @@
 
 Ray imports a task's module in every worker that runs it; this one imports only the decoding, Parquet and storage
 libraries (about a second), not torch or the tracking client (about five), because a curation worker needs neither.
-The stage itself, the manifest and the shards' schema are in :mod:`pipelines.clips`.
+The stage itself and the manifest are in :mod:`pipelines.clips`, which documents the shards' columns; their Arrow
+schema is here, with the writer.
 """
 
 from __future__ import annotations
@@ -347,17 +348,22 @@ def remove_group_shards(output_uri: str, group: int) -> None:
             storage.delete_file(uri)
 
 
+def marker_name(group: int) -> str:
+    """A group's marker, relative to the output: written last, so its presence means the group is complete."""
+    return posixpath.join(GROUPS_DIR, f"{group:05d}.json")
+
+
 def group_marker(output_uri: str, group: int) -> str:
-    return storage.join(output_uri, GROUPS_DIR, f"{group:05d}.json")
+    return storage.join(output_uri, marker_name(group))
 
 
 def curate_group(
-    batch: dict[str, np.ndarray], *, output_uri: str, rules: dict[str, Any], text: list[Any]
+    batch: dict[str, np.ndarray], *, output_uri: str, rules: dict[str, Any], text: list[ray.ObjectRef]
 ) -> dict[str, np.ndarray]:
     """One Ray task: curate the videos of each group row, write its shards, then its marker.
 
-    `text` is `[ref]` to the object-store tuple (captions, emb [N, L, D] float32, mask [N, L] bool), fetched only
-    once the group's clips are cut, so curation runs while the captions are still being embedded (a task waiting
+    `text` is `[ref]` to the captions' :data:`pipelines.captions.Embeddings`, which may still be in the making:
+    the group's clips are cut meanwhile and held until they are ready, then written as they come (a task waiting
     in `ray.get` gives its CPU back). A group whose video read fails (`ReadFailed`, after the S3 client's own
     retries) is redone from scratch a few times, with a growing pause, before the error fails the stage.
     """
@@ -376,13 +382,75 @@ def curate_group(
     return {"marker": np.asarray(markers, dtype=object)}
 
 
+class _GroupRows:
+    """Clip rows of one group on their way to its shards: held until the caption embeddings are ready (checked
+    without waiting after each video), then written as they come."""
+
+    def __init__(self, writer: ShardWriter, text: ray.ObjectRef, counts: Counter[str]) -> None:
+        self.writer, self.text, self.counts = writer, text, counts
+        self.held: list[tuple[dict[str, Any], Probe, list[dict[str, Any]]]] = []
+        self.embedding: tuple[dict[str, int], np.ndarray, np.ndarray] | None = None
+
+    def add(self, video: dict[str, Any], info: Probe, clips: list[dict[str, Any]]) -> None:
+        self.held.append((video, info, clips))
+        if self.embedding is not None or ray.wait([self.text], timeout=0)[0]:
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the embeddings if they are not there yet and write every held row."""
+        if self.embedding is None and self.held:
+            captions, emb, mask = ray.get(self.text)
+            self.embedding = ({caption: i for i, caption in enumerate(captions)}, emb, mask)
+        for video, info, clips in self.held:
+            self._write(video, info, clips)
+        self.held = []
+
+    def _write(self, video: dict[str, Any], info: Probe, clips: list[dict[str, Any]]) -> None:
+        assert self.embedding is not None
+        row_of_caption, text_emb, text_mask = self.embedding
+        k = row_of_caption[video["caption"]]
+        emb, mask = text_emb[k], text_mask[k]
+        meta = json.loads(video["meta"])
+        if mask[-1]:
+            meta["caption_truncated"] = True
+            self.counts["captions_truncated"] += 1
+        for number, clip in enumerate(clips):
+            num_frames, height, width = clip["shape"]
+            self.writer.add(
+                {
+                    "clip_id": f"{video['index']:06d}-{number:04d}",
+                    **{key: video[key] for key in ("video_index", "uri", "caption")},
+                    "meta": json.dumps(meta, sort_keys=True),
+                    "start_frame": clip["start_frame"],
+                    "start_time": clip["start_time"],
+                    "fps": clip["fps"],
+                    "num_frames": num_frames,
+                    "height": height,
+                    "width": width,
+                    "frames": clip["mp4"],
+                    "motion_score": clip["motion_score"],
+                    "text_emb": np.ascontiguousarray(emb, dtype="<f4").tobytes(),
+                    "text_mask": np.asarray(mask, dtype=np.uint8).tobytes(),
+                    "text_len": emb.shape[0],
+                    "text_dim": emb.shape[1],
+                    "source_fps": info.fps,
+                    "source_width": info.width,
+                    "source_height": info.height,
+                    "codec": info.codec,
+                }
+            )
+            self.counts["clips_out"] += 1
+
+
 def _curate_one_group(
     output_uri: str, group: int, videos: list[dict[str, Any]], rule: Rules, text: ray.ObjectRef
 ) -> dict[str, Any]:
     """Curate one group's videos, write its shards, then its marker (last); returns the marker."""
+    remove_group_shards(output_uri, group)
+    writer = ShardWriter(output_uri, group, rule.rows_per_shard)
     counts: Counter[str] = Counter()
-    rejected = []
-    cut: list[tuple[dict[str, Any], Probe, list[dict[str, Any]]]] = []
+    rows = _GroupRows(writer, text, counts)
+    rejected: list[dict[str, Any]] = []
     for video in videos:
         counts["videos_in"] += 1
         try:
@@ -406,47 +474,11 @@ def _curate_one_group(
             counts[f"clips_dropped_{reason}"] += number
         encoded = [
             {**{k: v for k, v in clip.items() if k != "frames"}, "shape": clip["frames"].shape[:3],
-             "mp4": encode_clip(clip["frames"], rule.fps, rule.crf)}
+             "fps": float(rule.fps), "mp4": encode_clip(clip["frames"], rule.fps, rule.crf)}
             for clip in clips
         ]
-        cut.append((video, info, encoded))
-    remove_group_shards(output_uri, group)
-    writer = ShardWriter(output_uri, group, rule.rows_per_shard)
-    captions, text_emb, text_mask = ray.get(text) if cut else ([], None, None)
-    row_of_caption = {caption: i for i, caption in enumerate(captions)}
-    for video, info, clips in cut:
-        k = row_of_caption[video["caption"]]
-        emb, mask = text_emb[k], text_mask[k]
-        meta = json.loads(video["meta"])
-        if mask[-1]:
-            meta["caption_truncated"] = True
-            counts["captions_truncated"] += 1
-        for number, clip in enumerate(clips):
-            num_frames, height, width = clip["shape"]
-            writer.add(
-                {
-                    "clip_id": f"{video['index']:06d}-{number:04d}",
-                    **{key: video[key] for key in ("video_index", "uri", "caption")},
-                    "meta": json.dumps(meta, sort_keys=True),
-                    "start_frame": clip["start_frame"],
-                    "start_time": clip["start_time"],
-                    "fps": float(rule.fps),
-                    "num_frames": num_frames,
-                    "height": height,
-                    "width": width,
-                    "frames": clip["mp4"],
-                    "motion_score": clip["motion_score"],
-                    "text_emb": np.ascontiguousarray(emb, dtype="<f4").tobytes(),
-                    "text_mask": np.asarray(mask, dtype=np.uint8).tobytes(),
-                    "text_len": emb.shape[0],
-                    "text_dim": emb.shape[1],
-                    "source_fps": info.fps,
-                    "source_width": info.width,
-                    "source_height": info.height,
-                    "codec": info.codec,
-                }
-            )
-            counts["clips_out"] += 1
+        rows.add(video, info, encoded)
+    rows.finish()
     writer.flush()
     marker = {"group": group, "shards": writer.shards, "counts": dict(counts), "rejected": rejected}
     storage.write_json(group_marker(output_uri, group), marker)

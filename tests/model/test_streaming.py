@@ -47,9 +47,15 @@ def test_streamed_pixels_equal_decoding_the_whole_rollout(dit: DiT, text: tuple,
         whole = tiny_vae.decode(_latents(chunks)).clamp(-1, 1)
     assert torch.allclose(torch.cat([c.video for c in chunks], 1), whole, atol=1e-5)
     assert all(not c.given and c.seconds > 0 for c in chunks) and [c.index for c in chunks] == [0, 1, 2]
-    # the first latent frame is decoded alone: the stream's first pixel frame is ready before its chunk's others
-    assert 0 < chunks[0].first_frame_seconds < chunks[0].seconds - chunks[0].decode_seconds / 4
-    assert all(c.seconds - c.decode_seconds < c.first_frame_seconds <= c.seconds for c in chunks[1:])
+
+
+def test_first_frame_alone_yields_it_before_the_rest_of_its_chunk(dit: DiT, text: tuple, tiny_vae: VAE) -> None:
+    whole = _rollout(dit, text, num_chunks=3, vae=tiny_vae)
+    parts = _rollout(dit, text, num_chunks=3, vae=tiny_vae, first_frame_alone=True)
+    assert [(c.index, c.latents.shape[1], c.video.shape[1]) for c in parts] == [(0, 1, 1), (0, 1, 4), (1, 2, 8), (2, 2, 8)]
+    assert torch.equal(_latents(parts), _latents(whole))
+    assert torch.allclose(torch.cat([c.video for c in parts], 1), torch.cat([c.video for c in whole], 1), atol=1e-5)
+    assert parts[0].seconds < parts[1].seconds, "both parts are timed from the chunk's start"
 
 
 def test_student_steps_renoise_with_fresh_noise(dit: DiT, text: tuple) -> None:

@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from infra.errors import UserError
 from pipelines import clips, curation, shard_rows
 from pipelines.oracle import describe
 from pipelines.workflow import StageContext
+from tests.paths import REPO
 
 CLIP_FRAMES = 17
 
@@ -254,3 +257,10 @@ def test_uris_duplicates_and_captions(ray_local, footage: Path, tmp_path: Path) 
 def test_odd_clip_length_is_refused_by_the_config() -> None:
     with pytest.raises(ValueError, match="clips.clip_frames': must be 1 \\+ 4n, e.g. 13 or 17"):
         load_config(None, ["clips.clip_frames=16"])
+
+
+def test_curation_workers_import_neither_torch_nor_the_tracking_client() -> None:
+    """Ray imports a task's module in every worker; the curation module must stay light for workers to start fast."""
+    check = "import sys, pipelines.curation; print(sorted({'torch', 'mlflow', 'transformers'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
