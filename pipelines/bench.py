@@ -15,6 +15,8 @@ import argparse
 import io
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +66,25 @@ def raw_decode_fps(videos: list[bytes]) -> tuple[int, float]:
     return frames, frames / (time.perf_counter() - started)
 
 
-def stage_fps(manifest: str, root: Path, num_cpus: int, overrides: list[str]) -> dict[str, Any]:
-    """Run the clips stage in a fresh local Ray with `num_cpus` CPUs; source frames per second of wall time."""
+@contextmanager
+def fresh_ray(num_cpus: int) -> Iterator[None]:
+    """A local Ray of its own with `num_cpus` CPUs for one measurement, shut down after it."""
     ray.shutdown()
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def stage_fps(manifest: str, root: Path, num_cpus: int, overrides: list[str]) -> dict[str, Any]:
+    """Run the clips stage in a fresh local Ray with `num_cpus` CPUs; source frames per second of wall time."""
+    with fresh_ray(num_cpus):
         config = load_config(None, [f"storage.root={root}", f"clips.manifest={manifest}", *overrides])
         ctx = StageContext("clips", config, {}, str(root / f"clips-{num_cpus}cpu"), f"bench{num_cpus}")
         started = time.perf_counter()
         result = clips.run(ctx)
         seconds = time.perf_counter() - started
-    finally:
-        ray.shutdown()
     frames = result["counts"]["source_frames"]
     return {
         "cpus": num_cpus,
@@ -90,14 +99,10 @@ def stage_fps(manifest: str, root: Path, num_cpus: int, overrides: list[str]) ->
 
 def embedding_seconds(captions: list[str], preset: str, text_path: str | None) -> float:
     """Wall seconds of the stage's caption-embedding task alone, in a fresh one-CPU Ray."""
-    ray.shutdown()
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    try:
+    with fresh_ray(1):
         started = time.perf_counter()
         ray.get(start_embedding(captions, preset, text_path))
         return time.perf_counter() - started
-    finally:
-        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
