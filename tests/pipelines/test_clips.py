@@ -12,7 +12,9 @@ import pytest
 from infra import storage
 from infra.config import load_config
 from infra.errors import UserError
+from model.presets import get_preset
 from pipelines import clips, curation, shard_rows
+from pipelines.captions import embed_captions
 from pipelines.oracle import describe
 from pipelines.workflow import StageContext
 from tests.paths import REPO
@@ -264,3 +266,9 @@ def test_curation_workers_import_neither_torch_nor_the_tracking_client() -> None
     check = "import sys, pipelines.curation; print(sorted({'torch', 'mlflow', 'transformers'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
+
+
+def test_no_captions_embed_to_empty_arrays_of_the_presets_shape() -> None:
+    captions, emb, mask = embed_captions([], "tiny", None)
+    preset = get_preset("tiny")
+    assert captions == [] and emb.shape == (0, preset.text_len, preset.text_dim) and mask.shape == (0, preset.text_len)

@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,14 +77,17 @@ def test_clips_stage_reads_the_synthetic_output(rendered, tmp_path: Path) -> Non
 
 
 def test_s3_round_trip(ray_local, s3_bucket: str) -> None:
-    """The code inside the Ray tasks, run here against a real S3 server: render, then curate."""
+    """The code inside the Ray tasks, run here against a real S3 server: render, then curate while the caption
+    embeddings are still being made (a task that takes a second), each clip getting its own caption's."""
     root = f"s3://{s3_bucket}/run"
     rows = synthetic.render_videos(
         {"id": np.arange(2)}, videos_uri=f"{root}/synthetic/videos", seed=11, size=64, fps=12, seconds=2.0
     )
     assert storage.list_files(f"{root}/synthetic/videos") == list(rows["uri"])
     config = load_config(None, ["clips.clip_frames=17", "clips.stride_frames=4"])
-    text = ([str(c) for c in rows["caption"]], np.zeros((2, 4, 8), np.float32), np.ones((2, 4), bool))
+    captions = [str(c) for c in rows["caption"]]
+    text = (captions, np.stack([np.full((4, 8), i, np.float32) for i in range(2)]), np.ones((2, 4), bool))
+    slow = ray.remote(lambda embeddings: time.sleep(1.0) or embeddings).remote(text)
     videos = [
         {"index": i, "video_index": i, "uri": str(u), "source_uri": str(u), "caption": str(c), "meta": "{}"}
         for i, (u, c) in enumerate(zip(rows["uri"], rows["caption"]))
@@ -92,10 +96,12 @@ def test_s3_round_trip(ray_local, s3_bucket: str) -> None:
         {"group": np.array([0]), "videos": np.array([json.dumps(videos)], dtype=object)},
         output_uri=f"{root}/clips",
         rules=curation.Rules.from_config(config.clips, get_preset(config.model.preset)).__dict__,
-        text=[ray.put(text)],
+        text=[slow],
     )
     marker = storage.read_json(curation.group_marker(f"{root}/clips", 0))
     assert marker["counts"]["clips_out"] == 4 and not marker["rejected"]
     table = storage.read_parquet(f"{root}/clips/{marker['shards'][0]}")
     batch = shard_rows.decode_clips(table.to_pydict())
     assert batch["frames"].shape == (4, 17, 64, 64, 3) and batch["text_emb"].shape == (4, 4, 8)
+    for caption, emb in zip(table.column("caption").to_pylist(), batch["text_emb"]):
+        assert np.array_equal(emb, np.full((4, 8), captions.index(caption), np.float32))
