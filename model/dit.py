@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model import schedule
-from model.attention import BlockCausalLayout, block_causal_attention
+from model.attention import BlockCausalLayout, attention, block_causal_attention
 from model.text import check_text_width
 
 ATTENTION_MODES = ("bidirectional", "block_causal")
@@ -269,7 +269,7 @@ class SelfAttention(nn.Module):
         if cache is not None and update_cache:
             cache.append(k, v)
         if layout is None:
-            out = F.scaled_dot_product_attention(q, k_all, v_all)
+            out = attention(q, k_all, v_all)
         else:
             out = block_causal_attention(q, k_all, v_all, layout)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
@@ -298,7 +298,7 @@ class CrossAttention(nn.Module):
         q = rearrange(self.norm_q(self.q(x)), "b n (h d) -> b h n d", h=self.heads)
         k, v = context_kv
         mask = context_mask[:, None, None, :] if self.masked else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, attn_mask=mask)
         return self.o(rearrange(out, "b h n d -> b n (h d)"))
 
 

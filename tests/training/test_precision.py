@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from infra.config import load_config
+from model.attention import attention
 from model.dit import DiT
 from model.presets import get_preset
 from training.flow_matching import FlowMatchingLoss
@@ -52,6 +53,21 @@ def test_bf16_step_matches_fp32_within_tolerance() -> None:
     assert abs(loss16 - loss32) <= BF16_LOSS_RTOL * loss32, (loss16, loss32)
     assert torch.nn.functional.cosine_similarity(grads16, grads32, dim=0) > 0.999
     assert objective.dit.head.weight.dtype == torch.float32  # the master weights stay fp32
+
+
+def test_attention_trains_in_fp32_under_cpu_autocast_and_infers_in_bf16() -> None:
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = attention(q, k, v)
+        with torch.no_grad():
+            inferred = attention(q, k, v)
+    assert trained.dtype == inferred.dtype == torch.bfloat16
+    assert torch.equal(trained, exact.bfloat16())  # fp32 scores, one rounding of the output
+    assert torch.equal(inferred, torch.nn.functional.scaled_dot_product_attention(q, k, v).detach())
+    trained.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
 
 
 def test_compiled_forward_equals_eager() -> None:
