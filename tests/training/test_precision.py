@@ -67,7 +67,9 @@ def test_attention_trains_in_fp32_under_cpu_autocast_and_infers_in_bf16() -> Non
     assert torch.equal(trained, exact.bfloat16())  # fp32 scores, one rounding of the output
     assert torch.equal(inferred, torch.nn.functional.scaled_dot_product_attention(q, k, v).detach())
     trained.float().sum().backward()
-    assert q.grad is not None and q.grad.dtype == torch.bfloat16
+    q32 = q.detach().float().requires_grad_()
+    torch.nn.functional.scaled_dot_product_attention(q32, k.float(), v.float()).bfloat16().float().sum().backward()
+    assert q.grad is not None and torch.equal(q.grad, q32.grad.bfloat16())  # the backward in fp32 too
 
 
 def test_compiled_forward_equals_eager() -> None:
