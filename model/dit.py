@@ -62,6 +62,10 @@ class DiTConfig:
     """Add the caption's mean token, through a zero-initialised MLP, to the timestep embedding: the adaLN
     conditioning of many DiTs, which reaches every token's modulation, where cross-attention alone leaves a
     caption's global attributes (a motion's direction) to be read token by token."""
+    absolute_positions: bool = False
+    """Add fixed 2D sine-cosine positions (DiT's) to the patch tokens, the same in every frame. Rotary attention
+    tells a token only its offsets to the others, which say little of where it is in the middle of the frame; with
+    the positions the tiny teacher learns earlier and draws every prompted bounce on its axis (README)."""
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -72,6 +76,8 @@ class DiTConfig:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.absolute_positions and self.architecture == "wan2.1":
+            raise ValueError("absolute_positions is for the causvid architecture; Wan2.1's layout has rotary positions only")
 
     @property
     def head_dim(self) -> int:
@@ -502,7 +508,18 @@ class DiT(nn.Module):
         _, ph, pw = self.cfg.patch
         if isinstance(self.patch_embed, nn.Conv3d):
             return rearrange(self.patch_embed(rearrange(x, "b f c h w -> b c f h w")), "b d f h w -> b (f h w) d")
-        return self.patch_embed(rearrange(x, "b f c (h p) (w q) -> b (f h w) (c p q)", p=ph, q=pw))
+        tokens = self.patch_embed(rearrange(x, "b f c (h p) (w q) -> b (f h w) (c p q)", p=ph, q=pw))
+        if not self.cfg.absolute_positions:
+            return tokens
+        positions = self.spatial_positions(x.shape[-2] // ph, x.shape[-1] // pw, tokens)
+        return (tokens.unflatten(1, (x.shape[1], -1)) + positions).flatten(1, 2)
+
+    def spatial_positions(self, rows: int, cols: int, like: Tensor) -> Tensor:
+        """Sine-cosine embedding ``[rows * cols, dim]`` of each token's (row, column), in ``like``'s dtype and device."""
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+
+        row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        return get_2d_sincos_pos_embed_from_grid(self.cfg.dim, torch.stack([col, row]).double()).to(like)
 
     def frame_rotary(self, shift: int) -> Tensor:
         """Rotary ``[1, head_dim // 2, 2]`` that moves a key by ``shift`` frames (rows and columns unchanged)."""

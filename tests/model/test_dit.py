@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.attention import BlockCausalLayout, block_causal_attention, block_causal_mask, token_mask
-from model.dit import DiT
+from model.dit import DiT, DiTConfig
 
 ATOL = 1e-5
 
@@ -290,3 +290,32 @@ def test_pooled_caption_conditioning_starts_as_identity_then_keeps_cache_and_pad
             out = pooled(x[:, sl], t[:, sl], emb, mask, mode="block_causal", cache=cache)
             assert torch.allclose(out, conditioned[:, sl], atol=ATOL), f"chunk at frame {start}"
             pooled(x[:, sl], t[:, sl], emb, mask, mode="block_causal", cache=cache, update_cache=True)
+
+
+def test_absolute_positions_are_dits_sincos_grid_per_frame_and_keep_streaming_exact(
+    dit: DiT, text: tuple, make_dit: Callable
+) -> None:
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    placed = make_dit(absolute_positions=True)
+    assert torch.allclose(placed.spatial_positions(4, 4, torch.zeros(())), get_2d_sincos_pos_embed(64, 4, base_size=4).float())
+    grid = placed.spatial_positions(3, 5, torch.zeros(())).view(3, 5, 64)
+    assert torch.equal(grid[:1, :, :32].expand(3, 5, 32), grid[..., :32]), "the first half encodes the column"
+    assert torch.equal(grid[:, :1, 32:].expand(3, 5, 32), grid[..., 32:]), "the second half encodes the row"
+    x, t = _latents(frames=6)
+    same = torch.zeros_like(x)
+    tokens = placed.embed_patches(same).view(2, 6, 16, 64)
+    assert torch.equal(tokens, tokens[:, :1].expand_as(tokens)), "every frame gets the same positions"
+    assert len(torch.unique(tokens[0, 0], dim=0)) == 16, "identical patches differ by where they are"
+    assert torch.equal(make_dit().embed_patches(same), torch.zeros(2, 96, 64)), "off: a token knows only its patch"
+    with pytest.raises(ValueError, match="causvid architecture"):
+        DiTConfig(absolute_positions=True, architecture="wan2.1")
+    emb, mask = text
+    with torch.no_grad():
+        full = placed(x, t, emb, mask, mode="block_causal")
+        assert not torch.allclose(full, dit(x, t, emb, mask, mode="block_causal"), atol=1e-3)
+        cache = placed.new_cache()
+        for start in range(0, 6, 2):
+            sl = slice(start, start + 2)
+            assert torch.allclose(placed(x[:, sl], t[:, sl], emb, mask, mode="block_causal", cache=cache), full[:, sl], atol=ATOL)
+            placed(x[:, sl], t[:, sl], emb, mask, mode="block_causal", cache=cache, update_cache=True)

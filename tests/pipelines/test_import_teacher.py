@@ -104,5 +104,5 @@ def test_a_teacher_for_another_preset_is_one_line_naming_both(wan_folder: Path, 
     assert capsys.readouterr().err.strip() == (
         "causvid: error: the imported transformer is not preset tiny's DiT: dim 64 (preset 128), depth 2 (preset 4), "
         "heads 2 (preset 4), ffn_dim 128 (preset 512), freq_dim 64 (preset 128), null_text_len 32 (preset 1), "
-        "architecture wan2.1 (preset causvid), pooled_text False (preset True)"
+        "architecture wan2.1 (preset causvid), pooled_text False (preset True), absolute_positions False (preset True)"
     )
