@@ -96,15 +96,8 @@ class Preset:
 TINY = Preset(
     name="tiny",
     dit=DiTConfig(
-        in_channels=8,
-        dim=128,
-        depth=4,
-        heads=4,
-        ffn_dim=512,
-        text_dim=384,
-        freq_dim=128,
-        pooled_text=True,
-        absolute_positions=True,
+        in_channels=8, dim=128, depth=4, heads=4, ffn_dim=512, text_dim=384, freq_dim=128,
+        pooled_text=True, absolute_positions=True,
     ),
     vae=VAEConfig(latent_channels=8, channels=(16, 32, 64), temporal_down=(True, True)),
     text_encoder="minilm",
