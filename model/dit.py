@@ -19,6 +19,7 @@ cross-attention keys and values, computed once while the caption stays the same 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -214,6 +215,16 @@ def apply_rope(x: Tensor, rotary: Tensor) -> Tensor:
     re, im = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = rotary.unbind(-1)
     return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).type_as(x)
+
+
+@functools.cache
+def sincos_grid(dim: int, rows: int, cols: int) -> Tensor:
+    """DiT's fixed 2D positions ``[rows * cols, dim]`` in fp64 (column first, then row), made once per grid:
+    every streamed chunk's forward reads them, and making them (80 us) costs more than adding them."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+
+    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return get_2d_sincos_pos_embed_from_grid(dim, torch.stack([col, row]).double())
 
 
 def pooled_caption(text: Tensor, mask: Tensor) -> Tensor:
@@ -516,10 +527,7 @@ class DiT(nn.Module):
 
     def spatial_positions(self, rows: int, cols: int, like: Tensor) -> Tensor:
         """Sine-cosine embedding ``[rows * cols, dim]`` of each token's (row, column), in ``like``'s dtype and device."""
-        from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
-
-        row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-        return get_2d_sincos_pos_embed_from_grid(self.cfg.dim, torch.stack([col, row]).double()).to(like)
+        return sincos_grid(self.cfg.dim, rows, cols).to(like)
 
     def frame_rotary(self, shift: int) -> Tensor:
         """Rotary ``[1, head_dim // 2, 2]`` that moves a key by ``shift`` frames (rows and columns unchanged)."""
